@@ -1,0 +1,617 @@
+"""Offline OC20-style S2EF data: adsorbate+slab relaxations labelled by an ASE calculator.
+
+Why: OC20 cannot be downloaded everywhere (CI, laptops, this machine). This writes the same LMDB
+format and the same four evaluation splits from real calculator labels, small enough for CPU.
+
+Pipeline per system (one adsorbate on one slab site):
+  OC20 adsorbate (fairchem.data.oc DB, binding atom down, heuristic site)  on an OC20-protocol slab
+  -> BFGS relaxation (frames sampled along it, OC20 S2EF style) + rattled copies of sampled frames
+  -> OC20 anomaly checks on the relaxed structure (DetectTrajAnomaly: dissociated, desorbed,
+     surface changed, intercalated); anomalous systems are filtered (default) or kept and flagged.
+
+Energy target (``energy``, eV): OC20's adsorption-energy referencing, with every term from the same
+calculator:  E = E_total(frame) - E_relaxed_clean_slab - sum_X n_X mu_X  over adsorbate atoms X,
+mu_H = E(H2)/2, mu_O = E(H2O) - E(H2), mu_C = E(CO) - mu_O, mu_N = E(N2)/2 (relaxed gas molecules).
+Forces (``forces``, eV/A): raw calculator forces on all atoms (fixed atoms included, as in OC20).
+
+Splits (OC20's sense, disjoint by construction and asserted): adsorbates and catalyst compositions
+are each partitioned (seeded) into seen/unseen; train + val_id use seen x seen, val_ood_ads unseen
+adsorbates on seen catalysts, val_ood_cat seen adsorbates on unseen catalysts, val_ood_both unseen x
+unseen. No (catalyst, facet, adsorbate) system appears in two splits, so val_id has new systems.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import importlib
+import json
+import math
+import multiprocessing as mp
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .lmdb_io import atomic_dir, dumps_deterministic, write_raw_lmdb_dir
+from .catalysts import (
+    EMT_ADSORBATE_ELEMENTS,
+    Catalyst,
+    adsorbate_db,
+    adsorbate_ids,
+    adsorbate_smiles,
+    default_catalysts,
+    fit_bulk,
+    make_slabs,
+)
+
+SPLITS = ("train", "val_id", "val_ood_ads", "val_ood_cat", "val_ood_both")
+# split -> (adsorbate pool, catalyst pool)
+SPLIT_POOLS = {
+    "train": ("seen", "seen"),
+    "val_id": ("seen", "seen"),
+    "val_ood_ads": ("unseen", "seen"),
+    "val_ood_cat": ("seen", "unseen"),
+    "val_ood_both": ("unseen", "unseen"),
+}
+ANOMALIES = ("dissociated", "desorbed", "surface_changed", "intercalated")
+SID_STRIDE = 1_000_000  # sid = split_index * SID_STRIDE + candidate index: unique across splits
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class GenConfig:
+    """Everything that determines the bytes of the dataset (``workers`` does not)."""
+
+    seed: int = 0
+    calculator: str = "emt"
+    train_systems: int = 100  # kept relaxations in train
+    val_systems: int = 10  # kept relaxations in each of the four val splits
+    frames_per_system: int = 24  # relaxation frames sampled per system (all if fewer)
+    rattled_per_system: int = 6  # rattled copies of sampled relaxation frames per system
+    rattle_std: float = 0.05  # A, Gaussian displacement of free atoms
+    fmax: float = 0.05  # eV/A, BFGS convergence
+    max_steps: int = 100  # BFGS steps per relaxation
+    millers: tuple[tuple[int, int, int], ...] = ((1, 1, 1), (1, 0, 0), (1, 1, 0))
+    ood_ads_frac: float = 0.25  # adsorbates held out for val_ood_ads / val_ood_both
+    ood_cat_frac: float = 0.3  # compositions held out (per group: elemental, alloy)
+    rigid_adsorbate: str = "auto"  # adsorbate held rigid while sampling: on/off/auto (on for emt)
+    keep_anomalies: bool = False  # keep anomalous relaxations (flag field ``anomaly``) instead of dropping
+    max_candidates_factor: int = 12  # give up when a split needs more candidates than factor x target
+
+    def __post_init__(self):
+        if self.train_systems < 1 or self.val_systems < 1:
+            raise ValueError("train_systems and val_systems must be >= 1")
+        if self.frames_per_system < 1 or self.rattled_per_system < 0:
+            raise ValueError("frames_per_system must be >= 1 and rattled_per_system >= 0")
+        if not 0 < self.ood_ads_frac < 1 or not 0 < self.ood_cat_frac < 1:
+            raise ValueError("ood_ads_frac and ood_cat_frac must be in (0, 1)")
+        if self.max_steps < 1 or self.fmax <= 0 or self.rattle_std < 0:
+            raise ValueError("max_steps >= 1, fmax > 0 and rattle_std >= 0 required")
+        if self.rigid_adsorbate not in ("auto", "on", "off"):
+            raise ValueError("rigid_adsorbate must be 'auto', 'on' or 'off'")
+        for m in self.millers:
+            if len(m) != 3 or not any(m):
+                raise ValueError(f"bad Miller index {m!r}")
+
+    @property
+    def rigid(self) -> bool:
+        if self.rigid_adsorbate == "auto":
+            name = self.calculator.strip().lower()
+            return name == "emt" or name.endswith(".emt:emt")
+        return self.rigid_adsorbate == "on"
+
+    def targets(self) -> dict[str, int]:
+        return {s: (self.train_systems if s == "train" else self.val_systems) for s in SPLITS}
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["millers"] = [list(m) for m in self.millers]
+        d["format_version"] = FORMAT_VERSION
+        return d
+
+
+# ----------------------------------------------------------------------------- calculators
+
+
+def make_calculator(spec: str):
+    """``emt`` (ASE), ``chgnet`` (pretrained weights ship in its PyPI package) or ``module:Class``."""
+    name = spec.strip()
+    if name.lower() == "emt":
+        from ase.calculators.emt import EMT
+
+        return EMT()
+    if name.lower() == "chgnet":
+        try:
+            from chgnet.model.dynamics import CHGNetCalculator
+        except ImportError as exc:
+            raise RuntimeError("--calculator chgnet needs `pip install chgnet`") from exc
+        return CHGNetCalculator(use_device="cpu")
+    if ":" in name:
+        mod, cls = name.split(":", 1)
+        try:
+            return getattr(importlib.import_module(mod), cls)()
+        except (ImportError, AttributeError) as exc:
+            raise RuntimeError(f"cannot build calculator {name!r}: {exc}") from exc
+    raise ValueError(f"unknown calculator {spec!r}: use 'emt', 'chgnet' or 'package.module:ClassName'")
+
+
+def _relax(atoms, fmax: float, steps: int, record: bool = False, check=None, check_every: int = 20):
+    """BFGS; returns (frames, converged, aborted_reason). Frames are (pos, E, F) at every force call
+    the optimizer made, i.e. OC20's trajectory frames; ``check(atoms)`` may abort early."""
+    from ase.optimize import BFGS
+
+    frames = []
+    opt = BFGS(atoms, logfile=None)
+    converged, reason = False, None
+    for i, converged in enumerate(opt.irun(fmax=fmax, steps=steps)):
+        if record:
+            frames.append((atoms.get_positions().copy(), float(atoms.get_potential_energy(apply_constraint=False)),
+                           atoms.get_forces(apply_constraint=False).copy()))
+        if check is not None and i > 0 and i % check_every == 0 and not converged:
+            reason = check(atoms)
+            if reason is not None:
+                break
+    return frames, bool(converged), reason
+
+
+def gas_references(calc) -> dict[str, float]:
+    """Per-element references mu_X from relaxed H2, H2O, CO, N2 (OC20's gas-phase scheme)."""
+    from ase.build import molecule
+
+    e = {}
+    for name in ("H2", "H2O", "CO", "N2"):
+        mol = molecule(name)
+        mol.set_cell([15.0, 15.0, 15.0])
+        mol.center()
+        mol.pbc = True
+        mol.calc = calc
+        _relax(mol, fmax=0.01, steps=200)
+        e[name] = float(mol.get_potential_energy())
+    mu_o = e["H2O"] - e["H2"]
+    return {"H": 0.5 * e["H2"], "O": mu_o, "C": e["CO"] - mu_o, "N": 0.5 * e["N2"]}
+
+
+# ----------------------------------------------------------------------------- split planning
+
+
+def _rng(seed: int, *keys: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed), *[int(k) for k in keys]])
+
+
+def partition(cfg: GenConfig, catalysts: list[Catalyst], ads: list[int]) -> dict:
+    """Seeded seen/unseen partition of adsorbates and catalyst compositions (at least one of each)."""
+    r = _rng(cfg.seed, 7)
+    ads_perm = [int(a) for a in r.permutation(ads)]
+    n_un = min(max(1, round(cfg.ood_ads_frac * len(ads))), len(ads) - 1)
+    unseen_ads, seen_ads = sorted(ads_perm[:n_un]), sorted(ads_perm[n_un:])
+    seen_cat, unseen_cat = [], []
+    for group in ([c for c in catalysts if c.b is None], [c for c in catalysts if c.b is not None]):
+        if not group:
+            continue
+        names = [c.name for c in group]
+        perm = [names[i] for i in r.permutation(len(names))]
+        k = min(max(1, round(cfg.ood_cat_frac * len(names))), len(names) - 1) if len(names) > 1 else 0
+        unseen_cat += perm[:k]
+        seen_cat += perm[k:]
+    if not unseen_cat:
+        raise ValueError("need at least two catalyst compositions to hold one out")
+    part = {"ads": {"seen": seen_ads, "unseen": unseen_ads},
+            "cat": {"seen": sorted(seen_cat), "unseen": sorted(unseen_cat)}}
+    assert not set(seen_ads) & set(unseen_ads) and not set(seen_cat) & set(unseen_cat)
+    return part
+
+
+def candidates(cfg: GenConfig, part: dict, split: str, start: int, count: int, used: set) -> list[dict]:
+    """Candidates ``start .. start+count-1`` of a split, drawn from a per-(seed, split, index) stream.
+
+    A candidate whose (catalyst, facet, adsorbate) was drawn before (``used``, shared by all splits)
+    is redrawn from the same stream, so no system is in two splits. The draw order is fixed by the
+    config and the (deterministic) relaxation outcomes, so the whole plan is seed-deterministic.
+    """
+    si = SPLITS.index(split)
+    ads_pool, cat_pool = (part["ads"][SPLIT_POOLS[split][0]], part["cat"][SPLIT_POOLS[split][1]])
+    out = []
+    for idx in range(start, start + count):
+        r = _rng(cfg.seed, 11, si, idx)
+        for _ in range(1000):
+            cat = cat_pool[int(r.integers(len(cat_pool)))]
+            miller = tuple(cfg.millers[int(r.integers(len(cfg.millers)))])
+            ads = ads_pool[int(r.integers(len(ads_pool)))]
+            if (cat, miller, ads) not in used:
+                break
+        else:
+            raise RuntimeError(f"{split}: ran out of distinct (catalyst, facet, adsorbate) systems")
+        used.add((cat, miller, ads))
+        out.append({"split": split, "index": idx, "sid": si * SID_STRIDE + idx, "catalyst": cat,
+                    "miller": miller, "adsorbate_id": ads, "slab_pick": int(r.integers(1 << 30)),
+                    "seed": int(r.integers(1 << 30))})
+    return out
+
+
+# ----------------------------------------------------------------------------- worker side
+
+_W: dict = {}
+
+
+def _worker_init(cfg_json: str, refs: dict, catalysts: list[Catalyst]):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except Exception:
+        pass
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    d = json.loads(cfg_json)
+    d.pop("format_version")
+    d["millers"] = tuple(tuple(m) for m in d["millers"])
+    for cached in (_slabs, _bulk, _relaxed_slab):
+        cached.cache_clear()  # a previous generate() in this process may have used another calculator
+    _W.clear()
+    _W.update(cfg=GenConfig(**d), refs=refs, catalysts={c.name: c for c in catalysts}, calc=None)
+
+
+def _calc():
+    if _W["calc"] is None:
+        _W["calc"] = make_calculator(_W["cfg"].calculator)
+    return _W["calc"]
+
+
+@functools.lru_cache(maxsize=64)
+def _slabs(cat_name: str, miller: tuple) -> list:
+    return make_slabs(_bulk(cat_name), miller)
+
+
+@functools.lru_cache(maxsize=32)
+def _bulk(cat_name: str):
+    return fit_bulk(_W["catalysts"][cat_name], _calc())
+
+
+@functools.lru_cache(maxsize=128)
+def _relaxed_slab(cat_name: str, miller: tuple, k: int):
+    """Relaxed clean slab (bottom fixed) and its energy: the adsorption-energy reference."""
+    slab = _slabs(cat_name, miller)[k].atoms.copy()
+    slab.pbc = True
+    slab.calc = _calc()
+    _relax(slab, fmax=_W["cfg"].fmax, steps=max(200, _W["cfg"].max_steps))
+    e = float(slab.get_potential_energy())
+    slab.calc = None
+    return slab, e
+
+
+def _anomaly(init_atoms, final_atoms, relaxed_slab) -> list[str]:
+    from fairchem.data.oc.utils.flag_anomaly import DetectTrajAnomaly
+
+    det = DetectTrajAnomaly(init_atoms, final_atoms, init_atoms.get_tags(), final_slab_atoms=relaxed_slab)
+    checks = {"dissociated": det.is_adsorbate_dissociated, "desorbed": det.is_adsorbate_desorbed,
+              "surface_changed": det.has_surface_changed, "intercalated": det.is_adsorbate_intercalated}
+    return [name for name in ANOMALIES if checks[name]()]
+
+
+def _fixed_mask(atoms) -> np.ndarray:
+    """[N] bool, atoms held by FixAtoms (restraints are not 'fixed')."""
+    from ase.constraints import FixAtoms
+
+    mask = np.zeros(len(atoms), dtype=bool)
+    for c in atoms.constraints:
+        if isinstance(c, FixAtoms):
+            mask[c.get_indices()] = True
+    return mask
+
+
+def _rigid_adsorbate(atoms, n_slab: int) -> None:
+    """Hold the adsorbate's internal geometry (its OC20 DFT geometry) rigid while sampling; it still
+    moves and turns as one body over the relaxing surface.
+    Why: EMT's C/H/N/O parameters tear apart or fuse most OC20 adsorbates on metals (>70 % of
+    relaxations, bonds both lost and gained; Hookean springs on the bonds did not prevent it).
+    Only the sampling path is constrained: every label is the bare calculator's energy and forces."""
+    from .rigid import RigidBody
+
+    if len(atoms) - n_slab >= 1:
+        atoms.set_constraint(list(atoms.constraints) + [RigidBody(range(n_slab, len(atoms)), atoms.positions)])
+
+
+def _to_data(atoms, pos, energy, forces, sid, fid, anomaly: int | None):
+    """One S2EF record with OC20's field names and dtypes."""
+    import torch
+    from torch_geometric.data import Data
+
+    n = len(atoms)
+    fixed = _fixed_mask(atoms).astype(np.float32)
+    d = Data(
+        pos=torch.tensor(np.asarray(pos), dtype=torch.float32),  # [N, 3] A
+        cell=torch.tensor(np.asarray(atoms.cell), dtype=torch.float32).view(1, 3, 3),  # [1, 3, 3]
+        atomic_numbers=torch.tensor(atoms.get_atomic_numbers(), dtype=torch.float32),  # [N]
+        natoms=n,
+        tags=torch.tensor(atoms.get_tags(), dtype=torch.long),  # [N] 0 sub, 1 surface, 2 ads
+        fixed=torch.tensor(fixed),  # [N] 1 = fixed
+        energy=float(energy),  # eV, adsorption-referenced
+        forces=torch.tensor(np.asarray(forces), dtype=torch.float32),  # [N, 3] eV/A
+        sid=int(sid),
+        fid=int(fid),
+    )
+    if anomaly is not None:
+        d.anomaly = int(anomaly)
+    return d
+
+
+def run_system(cand: dict) -> dict:
+    """Relax one candidate system and return its frames (as Data) or its anomaly reasons."""
+    from fairchem.data.oc.core import Adsorbate, AdsorbateSlabConfig, Slab
+
+    cfg: GenConfig = _W["cfg"]
+    t0 = time.perf_counter()
+    slabs = _slabs(cand["catalyst"], cand["miller"])
+    k = cand["slab_pick"] % len(slabs)
+    slab_relaxed, e_slab = _relaxed_slab(cand["catalyst"], cand["miller"], k)
+    # place on the relaxed clean slab (its tags and FixAtoms carry over)
+    slab_obj = Slab(slab_atoms=slab_relaxed.copy(), millers=slabs[k].millers, shift=slabs[k].shift,
+                    top=slabs[k].top)
+
+    np.random.seed(cand["seed"])  # fairchem.data.oc's placement draws from numpy's global RNG
+    ads = Adsorbate(adsorbate_id_from_db=cand["adsorbate_id"], adsorbate_db=adsorbate_db())
+    config = AdsorbateSlabConfig(slab_obj, ads, num_sites=1, mode="random_site_heuristic_placement")
+    atoms = config.atoms_list[0]
+    n_slab = len(slab_relaxed)
+    atoms.pbc = True
+    tags = atoms.get_tags()
+    assert (tags[n_slab:] == 2).all() and (tags[:n_slab] != 2).all()
+    init = atoms.copy()
+    if cfg.rigid:
+        _rigid_adsorbate(atoms, n_slab)
+    atoms.calc = _calc()
+
+    def early(a):
+        bad = _anomaly(init, a, slab_relaxed)
+        return bad[0] if bad and bad[0] in ("dissociated", "desorbed") else None
+
+    # early abort only where the adsorbate can break (a rigid one cannot dissociate)
+    frames, converged, aborted = _relax(atoms, cfg.fmax, cfg.max_steps, record=True,
+                                        check=None if (cfg.keep_anomalies or cfg.rigid) else early)
+    final = atoms.copy()
+    reasons = _anomaly(init, final, slab_relaxed)
+    out = {"candidate": cand, "slab_index": k, "converged": converged, "steps": len(frames),
+           "anomalies": reasons, "aborted_early": aborted is not None, "data": [],
+           "natoms": len(atoms), "e_slab": e_slab}
+    if reasons and not cfg.keep_anomalies:
+        out["seconds"] = time.perf_counter() - t0
+        return out
+
+    symbols = atoms.get_chemical_symbols()
+    e_ref = e_slab + sum(_W["refs"][s] for s in symbols[n_slab:])
+    # with --keep-anomalies every record carries `anomaly`: 0 none, else 1 + index in ANOMALIES
+    flag = None
+    if cfg.keep_anomalies:
+        flag = 1 + ANOMALIES.index(reasons[0]) if reasons else 0
+    r = _rng(cfg.seed, 13, cand["sid"])
+    n_take = min(cfg.frames_per_system, len(frames))
+    picked = sorted(int(i) for i in r.choice(len(frames), size=n_take, replace=False))
+    data = [_to_data(atoms, frames[i][0], frames[i][1] - e_ref, frames[i][2], cand["sid"], i, flag)
+            for i in picked]
+    free = np.flatnonzero(~_fixed_mask(atoms))
+    for j in range(cfg.rattled_per_system):
+        src = int(r.integers(len(frames)))
+        pos = frames[src][0].copy()
+        pos[free] += r.normal(0.0, cfg.rattle_std, size=(len(free), 3))
+        atoms.set_positions(pos, apply_constraint=False)
+        e = float(atoms.get_potential_energy(apply_constraint=False))
+        f = atoms.get_forces(apply_constraint=False)
+        # fid continues after the relaxation frames: fid >= steps marks a rattled frame
+        data.append(_to_data(atoms, pos, e - e_ref, f, cand["sid"], len(frames) + j, flag))
+    # pickled here: torch tensors sent between processes would go through shared-memory file
+    # descriptors (and run out of them); bytes are also exactly what the LMDB stores
+    out["data"] = [dumps_deterministic(d) for d in data]
+    out["energies"] = [float(d.energy) for d in data]
+    out["n_rattled"] = cfg.rattled_per_system
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _run_group(group: list[dict]) -> list[dict]:
+    return [run_system(c) for c in group]
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _progress(total: int, desc: str):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit="sys", dynamic_ncols=True)
+    except ImportError:  # pragma: no cover
+        return None
+
+
+def generate(cfg: GenConfig, out_dir: Path | str, workers: int = 1, progress: bool = True,
+             catalysts: list[Catalyst] | None = None) -> dict:
+    """Generate all five splits under ``out_dir/s2ef/`` atomically; return the summary dict."""
+    t_start = time.perf_counter()
+    out_dir = Path(out_dir)
+    catalysts = catalysts or default_catalysts()
+    allowed = EMT_ADSORBATE_ELEMENTS  # all OC20 adsorbate elements; EMT handles exactly these
+    ads_all = adsorbate_ids(allowed)
+    part = partition(cfg, catalysts, ads_all)
+    calc = make_calculator(cfg.calculator)
+    refs = gas_references(calc)
+
+    targets = cfg.targets()
+    kept: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    next_idx = {s: 0 for s in SPLITS}
+    used: set = set()
+    stats = {s: Counter() for s in SPLITS}
+    rate = 1.0  # initial guess of the kept fraction; updated from what was seen
+    results_by_split: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    bar = _progress(0, "relaxations") if progress else None
+    cfg_json = json.dumps(cfg.to_json())
+    ctx = mp.get_context("fork") if workers > 1 else None
+    pool = ctx.Pool(workers, initializer=_worker_init, initargs=(cfg_json, refs, catalysts)) if ctx else None
+    if pool is None:
+        _worker_init(cfg_json, refs, catalysts)
+    try:
+        while True:
+            need = {s: targets[s] - len(kept[s]) for s in SPLITS if len(kept[s]) < targets[s]}
+            if not need:
+                break
+            batch = []
+            for s, n in need.items():
+                if next_idx[s] >= cfg.max_candidates_factor * targets[s]:
+                    raise RuntimeError(
+                        f"{s}: only {len(kept[s])}/{targets[s]} relaxations kept after {next_idx[s]} "
+                        f"candidates ({dict(stats[s])}); the calculator breaks too many adsorbates "
+                        f"(try --keep-anomalies or another --calculator)")
+                m = max(1, math.ceil(n / max(rate, 0.1) * (1.0 if rate > 0.98 else 1.1)))
+                m = min(m, cfg.max_candidates_factor * targets[s] - next_idx[s])
+                batch += candidates(cfg, part, s, next_idx[s], m, used)
+                next_idx[s] += m
+            # group by slab so each worker builds/relaxes a slab once; order restored afterwards
+            groups: dict = {}
+            for c in batch:
+                groups.setdefault((c["catalyst"], c["miller"]), []).append(c)
+            glist = sorted(groups.values(), key=lambda g: -len(g))
+            it = pool.imap_unordered(_run_group, glist) if pool else map(_run_group, glist)
+            done = []
+            if bar is not None:
+                bar.total += len(batch)
+                bar.refresh()
+            for res in it:
+                done += res
+                if bar is not None:
+                    bar.update(len(res))
+            done.sort(key=lambda o: (SPLITS.index(o["candidate"]["split"]), o["candidate"]["index"]))
+            for o in done:
+                s = o["candidate"]["split"]
+                stats[s]["tried"] += 1
+                for a in o["anomalies"]:
+                    stats[s][a] += 1
+                if o["anomalies"]:
+                    stats[s]["anomalous"] += 1
+                if o["anomalies"] and not cfg.keep_anomalies:
+                    continue
+                if len(kept[s]) < targets[s]:
+                    kept[s].append(o)
+            tried = sum(st["tried"] for st in stats.values())
+            good = sum(st["tried"] - (0 if cfg.keep_anomalies else st["anomalous"]) for st in stats.values())
+            rate = good / max(tried, 1)
+            if bar is not None:
+                bar.set_postfix_str(f"kept {sum(len(k) for k in kept.values())}/{sum(targets.values())}")
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+        if bar is not None:
+            bar.close()
+    t_label = time.perf_counter() - t_start
+
+    check_splits(kept, part)
+    summary = {
+        "config": cfg.to_json(),
+        "energy": "adsorption-referenced: E_total - E_relaxed_clean_slab - sum mu_X (mu_H=E(H2)/2, "
+                  "mu_O=E(H2O)-E(H2), mu_C=E(CO)-mu_O, mu_N=E(N2)/2), all from the same calculator; eV",
+        "forces": "calculator forces on all atoms, eV/A (fixed atoms included, as in OC20)",
+        "frames": "sid = relaxation id (unique across splits); fid = BFGS step for relaxation frames, "
+                  "fid >= number of steps for rattled frames (free atoms displaced, rattle_std)",
+        "sampling": "adsorbate held rigid during relaxation (labels unconstrained)" if cfg.rigid
+                    else "free relaxation",
+        "gas_references_eV": refs,
+        "partition": {"adsorbates": {k: [adsorbate_smiles(a) for a in v] for k, v in part["ads"].items()},
+                      "catalysts": part["cat"]},
+        "splits": {},
+        "filtered": {},
+    }
+    s2ef = out_dir / "s2ef"
+    with atomic_dir(s2ef) as tmp:
+        for s in SPLITS:
+            data = [d for o in kept[s] for d in o["data"]]
+            energies = [e for o in kept[s] for e in o["energies"]]
+            write_raw_lmdb_dir(tmp / s, data, [o["natoms"] for o in kept[s] for _ in o["data"]])
+            n_rattled = sum(o.get("n_rattled", 0) for o in kept[s])
+            natoms = [o["natoms"] for o in kept[s]]
+            summary["splits"][s] = {
+                "systems": len(kept[s]),
+                "frames": len(data),
+                "relaxation_frames": len(data) - n_rattled,
+                "rattled_frames": n_rattled,
+                "converged_relaxations": sum(o["converged"] for o in kept[s]),
+                "natoms_min": int(min(natoms)), "natoms_max": int(max(natoms)),
+                "natoms_mean": float(np.mean(natoms)),
+                "energy_mean": float(np.mean(energies)),
+                "energy_std": float(np.std(energies)),
+                "catalysts": sorted({o["candidate"]["catalyst"] for o in kept[s]}),
+                "facets": sorted({"".join(map(str, o["candidate"]["miller"])) for o in kept[s]}),
+                "adsorbates": sorted({adsorbate_smiles(o["candidate"]["adsorbate_id"]) for o in kept[s]}),
+                "elements": sorted({sym for o in kept[s] for sym in _formula_elements(o)}),
+                "sid_range": [int(min(o["candidate"]["sid"] for o in kept[s])),
+                              int(max(o["candidate"]["sid"] for o in kept[s]))],
+            }
+            st = stats[s]
+            summary["filtered"][s] = {"candidates_tried": int(st["tried"]),
+                                      "anomalous": int(st["anomalous"]),
+                                      **{a: int(st[a]) for a in ANOMALIES},
+                                      "action": "kept with field `anomaly`" if cfg.keep_anomalies else "dropped"}
+        summary["timing_s"] = {"label_and_relax": round(t_label, 2),
+                               "total": round(time.perf_counter() - t_start, 2), "workers": workers}
+        summary["catalysts"] = {c.name: {"prototype": c.prototype, "elements": list(c.elements)} for c in catalysts}
+        summary["fingerprint"] = fingerprint(cfg, catalysts)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return summary
+
+
+def _formula_elements(o: dict) -> set[str]:
+    ads = adsorbate_db()[o["candidate"]["adsorbate_id"]][0].get_chemical_symbols()
+    cat = o["candidate"]["catalyst"]
+    return set(ads) | {e for e in ("Al", "Cu", "Ag", "Au", "Ni", "Pd", "Pt") if e in cat}
+
+
+def check_splits(kept: dict[str, list[dict]], part: dict) -> None:
+    """Assert OC20's split semantics on what was actually kept (raises AssertionError)."""
+    seen_a, unseen_a = set(part["ads"]["seen"]), set(part["ads"]["unseen"])
+    seen_c, unseen_c = set(part["cat"]["seen"]), set(part["cat"]["unseen"])
+    systems: dict = {}
+    sids: set = set()
+    for s, outs in kept.items():
+        ap, cp = SPLIT_POOLS[s]
+        for o in outs:
+            c = o["candidate"]
+            assert c["adsorbate_id"] in (seen_a if ap == "seen" else unseen_a), (s, c)
+            assert c["catalyst"] in (seen_c if cp == "seen" else unseen_c), (s, c)
+            key = (c["catalyst"], c["miller"], c["adsorbate_id"])
+            assert key not in systems, f"system {key} in both {systems.get(key)} and {s}"
+            systems[key] = s
+            assert c["sid"] not in sids
+            sids.add(c["sid"])
+
+
+def fingerprint(cfg: GenConfig, catalysts: list[Catalyst] | None = None) -> str:
+    """Hash of the generating arguments, catalyst list and library versions that change the labels."""
+    import ase
+
+    try:
+        from importlib.metadata import version
+
+        fc = version("fairchem-data-oc")
+    except Exception:  # pragma: no cover
+        fc = "?"
+    cats = [dataclasses.astuple(c) for c in (catalysts or default_catalysts())]
+    blob = json.dumps({"cfg": cfg.to_json(), "catalysts": cats, "ase": ase.__version__, "fairchem-data-oc": fc},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def existing_matches(out_dir: Path | str, cfg: GenConfig, catalysts: list[Catalyst] | None = None) -> bool:
+    """True when ``out_dir/s2ef`` holds a complete dataset made with these arguments."""
+    s2ef = Path(out_dir) / "s2ef"
+    try:
+        summary = json.loads((s2ef / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if summary.get("fingerprint") != fingerprint(cfg, catalysts):
+        return False
+    return all((s2ef / s / "data.lmdb").is_file() and (s2ef / s / "metadata.npz").is_file() for s in SPLITS)

@@ -1,0 +1,133 @@
+"""ASE calculator for a trained LEIGNN checkpoint.
+
+A thin layer over fairchem's own ``OCPCalculator`` (which builds the trainer from the
+config stored in the checkpoint, loads the weights and the energy/force normalizers, and
+de-normalises the predictions). What it adds:
+
+* positions of periodic structures are **wrapped into the cell** before the graph is
+  built (MD lets atoms leave the cell; fairchem's ``radius_graph_pbc`` assumes they are
+  inside). The atoms given by the caller are not modified.
+* the EMA weights stored in a training checkpoint (``checkpoint.pt``) are used when
+  present (fairchem's inference-only loading ignores them; ``best_checkpoint.pt`` already
+  holds EMA weights), see ``use_ema``.
+* a one-time warning when the model predicts **direct forces**: they come from a
+  separate output head, not from -dE/dx, so they are *not conservative*. The energy is not
+  conserved in NVE with them; run MD with a thermostat, or train with
+  ``direct_forces: false`` for gradient (conservative) forces.
+
+Usage::
+
+    from leignn_ocp.md import LEIGNNCalculator
+    atoms.calc = LEIGNNCalculator("runs/md/checkpoints/<id>/best_checkpoint.pt")
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.calculators.calculator import Calculator, all_changes
+from fairchem.core.common.relaxation.ase_utils import OCPCalculator
+from fairchem.core.datasets import data_list_collater
+
+import leignn_ocp  # noqa: F401  (registers the model with fairchem's registry)
+
+log = logging.getLogger(__name__)
+
+DIRECT_FORCES_WARNING = (
+    "LEIGNN checkpoint %s predicts DIRECT forces (a separate output head, not -dE/dx): "
+    "they are not conservative, so total energy drifts in NVE. Use a thermostat "
+    "(Langevin / Nose-Hoover / Bussi) or a model trained with direct_forces: false."
+)
+
+
+class LEIGNNCalculator(OCPCalculator):
+    """ASE calculator for LEIGNN checkpoints (energy in eV, forces in eV/A).
+
+    Args:
+        checkpoint_path: a fairchem checkpoint of a LEIGNN model (``checkpoint.pt`` or
+            ``best_checkpoint.pt`` written by ``fairchem --mode train``).
+        cpu: run on CPU (default) or on the first GPU.
+        seed: seed for the trainer (defaults to the one in the checkpoint).
+        wrap: wrap periodic positions into the cell before building the graph.
+        use_ema: load the EMA weights of a training checkpoint if it has them.
+
+    Direct forces (``direct_forces: true``, the paper's LEIGNN) are **not conservative**;
+    see the module docstring. ``self.direct_forces`` tells which kind the model predicts.
+    """
+
+    _warned: set[str] = set()
+
+    def __init__(self, checkpoint_path: str | Path, cpu: bool = True, seed: int | None = None,
+                 wrap: bool = True, use_ema: bool = True, **kwargs) -> None:
+        super().__init__(checkpoint_path=str(checkpoint_path), cpu=cpu, seed=seed, **kwargs)
+        self.wrap = wrap
+        self.checkpoint_path = str(checkpoint_path)
+        model = self.trainer._unwrapped_model
+        self.model = model
+        self.used_ema = use_ema and self._load_ema(checkpoint_path)
+        regress = bool(getattr(model, "regress_forces", True))
+        self.direct_forces = regress and bool(getattr(model, "direct_forces", False))
+        self.use_pbc = bool(getattr(model, "use_pbc", True))
+        self.model.eval()
+        if regress and not self.direct_forces:
+            self._check_gradient_force_normalizers()
+        if self.direct_forces and self.checkpoint_path not in LEIGNNCalculator._warned:
+            LEIGNNCalculator._warned.add(self.checkpoint_path)
+            log.warning(DIRECT_FORCES_WARNING, self.checkpoint_path)
+
+    def _check_gradient_force_normalizers(self) -> None:
+        """Gradient forces are -dE/dx of the reported energy only if energy and forces are
+        de-normalised with the same scale; warn when the checkpoint's normalizers differ."""
+        norms = getattr(self.trainer, "normalizers", {})
+        if "energy" in norms and "forces" in norms:
+            se, sf = float(norms["energy"].rmsd), float(norms["forces"].rmsd)
+            if abs(se - sf) > 1e-6 * max(abs(se), abs(sf), 1.0):
+                log.warning(
+                    "conservative LEIGNN checkpoint %s de-normalises energy (rmsd %.4g) and forces "
+                    "(rmsd %.4g) with different scales: its forces are %.3g x -dE/dx of the reported "
+                    "energy. Train with equal energy/force rmsd (see configs/md/"
+                    "ethanol_leignn_conservative.yml).", self.checkpoint_path, se, sf, sf / se)
+
+    def _load_ema(self, checkpoint_path) -> bool:
+        ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        ema = ckpt.get("ema")
+        if not ema or "shadow_params" not in ema:
+            return False
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        shadow = ema["shadow_params"]
+        if len(shadow) != len(params) or any(s.shape != p.shape for s, p in zip(shadow, params)):
+            log.warning("EMA weights in %s do not match the model; using the raw weights", checkpoint_path)
+            return False
+        with torch.no_grad():
+            for p, s in zip(params, shadow):
+                p.copy_(s.to(p.device, p.dtype))
+        return True
+
+    def atoms_to_batch(self, atoms: Atoms):
+        """The batch the model sees: positions wrapped into the cell for periodic atoms."""
+        if self.wrap and atoms.pbc.any() and atoms.cell.rank == 3:
+            atoms = atoms.copy()
+            atoms.wrap(eps=1e-7)
+        if atoms.pbc.any() and not self.use_pbc:
+            log.debug("periodic atoms given to a model trained with use_pbc=False: no images are used")
+        data = self.a2g.convert(atoms)
+        return data_list_collater([data], otf_graph=True)
+
+    def calculate(self, atoms: Atoms | None = None, properties=("energy", "forces"),
+                  system_changes=all_changes) -> None:
+        Calculator.calculate(self, atoms, properties, system_changes)
+        batch = self.atoms_to_batch(self.atoms)
+        predictions = self.trainer.predict(batch, per_image=False, disable_tqdm=True)
+        for key, pred in predictions.items():
+            pred = pred.detach().cpu()
+            if key == "energy":
+                self.results["energy"] = float(pred.reshape(-1)[0])
+                self.results["free_energy"] = self.results["energy"]
+            elif key == "forces":
+                self.results["forces"] = pred.numpy().astype(np.float64).reshape(-1, 3)
+            else:
+                self.results[key] = pred.numpy()

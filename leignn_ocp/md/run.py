@@ -1,0 +1,231 @@
+"""MD driver: thermostats, trajectory writing, progress bar and blow-up detection.
+
+``run_md`` runs any ASE calculator (``LEIGNNCalculator`` or a reference calculator) with
+
+* ``langevin``     - ``ase.md.langevin.Langevin`` (friction in 1/fs)
+* ``nose-hoover``  - ``ase.md.nose_hoover_chain.NoseHooverChainNVT`` (ASE >= 3.24; falls back
+  to ``bussi`` with a warning on older ASE)
+* ``bussi``        - ``ase.md.bussi.Bussi`` (stochastic velocity rescaling)
+* ``berendsen``    - ``ase.md.nvtberendsen.NVTBerendsen``
+* ``nve``          - ``ase.md.verlet.VelocityVerlet``
+
+and writes an ASE ``.traj`` every ``save_every`` steps (step 0 included) with energy,
+forces, momenta and ``atoms.info["time_fs"]``. A :class:`BlowUpMonitor` checks the state
+every ``check_every`` steps and stops the run - it ends early, the summary says
+``blew_up: true`` with the reason and step, and ``scripts/run_md.py`` exits with status 3 -
+when any of these happen:
+
+* non-finite energy, forces or positions (or the model refuses its input);
+* a force above ``max_force`` eV/A;
+* molecules (no periodic axis): a bond (ASE ``natural_cutoffs`` on the first frame) longer
+  or shorter than its first-frame length by more than ``bond_threshold`` A (MDSim's 0.5 A),
+  which also catches atoms flying apart;
+* periodic systems: two atoms closer than ``min_distance`` A, or the instantaneous
+  temperature above ``max_temperature`` K.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms, units
+from ase.io import Trajectory
+
+log = logging.getLogger(__name__)
+
+ENSEMBLES = ("langevin", "nose-hoover", "bussi", "berendsen", "nve")
+EXIT_BLOWUP = 3
+
+
+class BlowUp(RuntimeError):
+    """The simulation left physical territory; ``reason`` says how."""
+
+    def __init__(self, reason: str, step: int):
+        super().__init__(f"step {step}: {reason}")
+        self.reason = reason
+        self.step = step
+
+
+@dataclass
+class BlowUpMonitor:
+    """Checks an MD state for blow-up; see the module docstring for the criteria."""
+
+    max_force: float = 100.0
+    bond_threshold: float | None = 0.5
+    min_distance: float = 0.5
+    max_temperature: float | None = None
+    bonds: np.ndarray | None = field(default=None, repr=False)
+    bond_ref: np.ndarray | None = field(default=None, repr=False)
+
+    def setup(self, atoms: Atoms) -> None:
+        if not atoms.pbc.any() and self.bond_threshold is not None:
+            from leignn_ocp.md.metrics import bond_lengths, find_bonds
+
+            self.bonds = find_bonds(atoms)
+            self.bond_ref = bond_lengths([atoms], self.bonds)[0] if len(self.bonds) else None
+
+    def check(self, atoms: Atoms, step: int) -> None:
+        pos = atoms.get_positions()
+        if not np.isfinite(pos).all():
+            raise BlowUp("non-finite positions", step)
+        forces = atoms.get_forces()
+        energy = atoms.get_potential_energy()
+        if not (np.isfinite(forces).all() and np.isfinite(energy)):
+            raise BlowUp("non-finite energy or forces", step)
+        fmax = float(np.sqrt((forces ** 2).sum(axis=1)).max())
+        if fmax > self.max_force:
+            raise BlowUp(f"force {fmax:.1f} eV/A above max_force {self.max_force:g}", step)
+        if self.bonds is not None and self.bond_ref is not None and len(self.bonds):
+            from leignn_ocp.md.metrics import bond_lengths
+
+            dev = np.abs(bond_lengths([atoms], self.bonds)[0] - self.bond_ref)
+            k = int(dev.argmax())
+            if dev[k] > self.bond_threshold:
+                i, j = self.bonds[k]
+                raise BlowUp(f"bond {i}-{j} deviates {dev[k]:.2f} A from its initial length "
+                             f"(threshold {self.bond_threshold:g} A)", step)
+        if atoms.pbc.any():
+            from ase.neighborlist import neighbor_list
+
+            d = neighbor_list("d", atoms, self.min_distance)
+            if len(d):
+                raise BlowUp(f"two atoms {d.min():.2f} A apart (min_distance {self.min_distance:g} A)", step)
+        if self.max_temperature is not None:
+            temp = atoms.get_temperature()
+            if temp > self.max_temperature:
+                raise BlowUp(f"temperature {temp:.0f} K above max_temperature {self.max_temperature:g} K", step)
+
+
+def make_dynamics(atoms: Atoms, ensemble: str, timestep_fs: float, temperature_K: float,
+                  friction_per_fs: float = 0.01, tdamp_fs: float | None = None,
+                  rng: np.random.Generator | None = None):
+    """The ASE integrator for ``ensemble`` (see the module docstring)."""
+    dt = timestep_fs * units.fs
+    tdamp = (tdamp_fs if tdamp_fs is not None else 100 * timestep_fs) * units.fs
+    rng = rng or np.random.default_rng()
+    if ensemble == "nose-hoover":
+        try:
+            from ase.md.nose_hoover_chain import NoseHooverChainNVT
+        except ImportError:
+            log.warning("this ASE has no NoseHooverChainNVT; using the Bussi thermostat instead")
+            ensemble = "bussi"
+        else:
+            return NoseHooverChainNVT(atoms, timestep=dt, temperature_K=temperature_K, tdamp=tdamp)
+    if ensemble == "langevin":
+        from ase.md.langevin import Langevin
+
+        return Langevin(atoms, timestep=dt, temperature_K=temperature_K,
+                        friction=friction_per_fs / units.fs, rng=rng)
+    if ensemble == "bussi":
+        from ase.md.bussi import Bussi
+
+        return Bussi(atoms, timestep=dt, temperature_K=temperature_K, taut=tdamp, rng=rng)
+    if ensemble == "berendsen":
+        from ase.md.nvtberendsen import NVTBerendsen
+
+        return NVTBerendsen(atoms, timestep=dt, temperature_K=temperature_K, taut=tdamp)
+    if ensemble == "nve":
+        from ase.md.verlet import VelocityVerlet
+
+        return VelocityVerlet(atoms, timestep=dt)
+    raise ValueError(f"unknown ensemble {ensemble!r}; choose from {ENSEMBLES}")
+
+
+def init_velocities(atoms: Atoms, temperature_K: float, rng: np.random.Generator) -> None:
+    """Maxwell-Boltzmann velocities, zero total momentum (and zero rotation for molecules)."""
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+
+    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
+    Stationary(atoms)
+    if not atoms.pbc.any() and len(atoms) > 2:
+        ZeroRotation(atoms)
+
+
+def run_md(atoms: Atoms, calc, traj_path: str | Path, ensemble: str = "nose-hoover",
+           timestep_fs: float = 0.5, temperature_K: float = 300.0, steps: int = 1000,
+           save_every: int = 10, seed: int = 0, friction_per_fs: float = 0.01,
+           tdamp_fs: float | None = None, init_temperature_K: float | None = None,
+           keep_velocities: bool = False, monitor: BlowUpMonitor | None = None,
+           check_every: int | None = None, stop_on_blowup: bool = True, progress: bool = True,
+           summary_path: str | Path | None = None) -> dict:
+    """Run MD and return (and write, next to the trajectory) a JSON summary.
+
+    ``init_temperature_K`` sets the Maxwell-Boltzmann velocities (default: ``temperature_K``);
+    ``keep_velocities`` keeps the velocities ``atoms`` already has. With
+    ``stop_on_blowup=False`` a blow-up is only recorded (first occurrence) and the run goes
+    on unless the model can no longer be evaluated.
+    """
+    traj_path = Path(traj_path)
+    traj_path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    atoms = atoms.copy()
+    atoms.calc = calc
+    if not keep_velocities or not np.any(atoms.get_velocities()):
+        init_velocities(atoms, init_temperature_K if init_temperature_K is not None else temperature_K, rng)
+    dyn = make_dynamics(atoms, ensemble, timestep_fs, temperature_K, friction_per_fs, tdamp_fs, rng)
+    if monitor is None:
+        monitor = BlowUpMonitor(max_temperature=max(10 * temperature_K, 5000.0) if atoms.pbc.any() else None)
+    monitor.setup(atoms)
+    check_every = check_every or save_every
+
+    writer = Trajectory(str(traj_path), "w")
+    state = dict(blowup=None)
+
+    def save():
+        atoms.info["time_fs"] = dyn.nsteps * timestep_fs
+        writer.write(atoms)
+
+    def check():
+        try:
+            monitor.check(atoms, dyn.nsteps)
+        except BlowUp as err:
+            if state["blowup"] is None:
+                state["blowup"] = err
+                log.error("MD blew up at step %d (%.3f ps): %s", err.step, err.step * timestep_fs / 1000, err.reason)
+            if stop_on_blowup:
+                raise
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=f"MD {ensemble} {temperature_K:g} K", unit="step", mininterval=1.0)
+        dyn.attach(lambda: bar.update(1) if dyn.nsteps > 0 else None, interval=1)
+    dyn.attach(save, interval=save_every)
+    dyn.attach(check, interval=check_every)
+
+    t0 = time.perf_counter()
+    try:
+        dyn.run(steps)
+    except BlowUp:
+        pass
+    except (ValueError, RuntimeError, FloatingPointError) as err:  # the model refused the state
+        state["blowup"] = BlowUp(f"model evaluation failed: {err}", dyn.nsteps)
+        log.error("MD stopped at step %d: %s", dyn.nsteps, err)
+    finally:
+        wall = time.perf_counter() - t0
+        writer.close()
+        if bar is not None:
+            bar.close()
+    err = state["blowup"]
+    summary = dict(
+        trajectory=str(traj_path), ensemble=ensemble, timestep_fs=timestep_fs, temperature_K=temperature_K,
+        steps_requested=steps, steps_done=int(dyn.nsteps), simulated_ps=dyn.nsteps * timestep_fs / 1000,
+        save_every=save_every, frame_interval_fs=save_every * timestep_fs, seed=seed, n_atoms=len(atoms),
+        blew_up=err is not None, blowup_reason=None if err is None else err.reason,
+        blowup_step=None if err is None else err.step,
+        blowup_ps=None if err is None else err.step * timestep_fs / 1000,
+        wall_s=round(wall, 2), ms_per_step=round(1000 * wall / max(dyn.nsteps, 1), 3),
+        direct_forces=getattr(calc, "direct_forces", None),
+    )
+    summary_path = Path(summary_path) if summary_path else traj_path.with_suffix(".json")
+    summary_path.write_text(json.dumps(summary, indent=2))
+    if err is not None:
+        print(f"MD BLEW UP at step {err.step} ({summary['blowup_ps']:.3f} ps): {err.reason}; "
+              f"trajectory up to there in {traj_path}")
+    return summary

@@ -1,0 +1,363 @@
+"""The offline OC20-style S2EF generator, LMDB validation and the 8:2 / 25 % split tool."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import pickle
+import shutil
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import pytest
+import torch
+from torch_geometric.data import Data
+
+from leignn_ocp.data import LmdbValidationError, validate_lmdb, write_lmdb_dir
+from leignn_ocp.data.generate import SPLITS, GenConfig, check_splits, existing_matches, generate, partition
+from leignn_ocp.data.lmdb_io import atomic_dir
+from leignn_ocp.data.splits import split_indices, split_lmdb
+
+REPO = Path(__file__).resolve().parents[1]
+
+# tiny but complete: 5 splits, one facet, short relaxations (~10 s)
+TINY = dict(seed=0, train_systems=4, val_systems=1, frames_per_system=4, rattled_per_system=1,
+            max_steps=12, millers=((1, 0, 0),))
+TINY_ARGS = ["--seed", "0", "--train-systems", "4", "--val-systems", "1", "--frames-per-system", "4",
+             "--rattled-per-system", "1", "--max-steps", "12", "--millers", "100"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gen") / "default"
+    generate(GenConfig(**TINY), out, workers=1, progress=False)
+    return out
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+            and p.name != "summary.json"}
+
+
+def test_generated_splits_load_with_fairchem_lmdbdataset(tiny):
+    from fairchem.core.datasets import LmdbDataset
+
+    summary = json.loads((tiny / "s2ef" / "summary.json").read_text())
+    for split in SPLITS:
+        path = tiny / "s2ef" / split
+        assert sorted(p.name for p in path.iterdir()) == ["data.lmdb", "metadata.npz"]
+        n = validate_lmdb(path, max_check=None)  # before LmdbDataset: one LMDB handle per process
+        ds = LmdbDataset({"src": str(path)})
+        assert len(ds) == n == summary["splits"][split]["frames"] > 0
+        meta = np.load(path / "metadata.npz")["natoms"]
+        assert meta.dtype == np.int32 and len(meta) == len(ds)
+        for i in range(len(ds)):
+            d = ds[i]
+            n = int(d.natoms)
+            assert meta[i] == n
+            assert d.pos.shape == (n, 3) and d.pos.dtype == torch.float32
+            assert d.forces.shape == (n, 3) and torch.isfinite(d.forces).all()
+            assert d.cell.shape == (1, 3, 3)
+            assert d.atomic_numbers.shape == (n,)
+            assert set(d.tags.tolist()) == {0, 1, 2}  # subsurface, surface, adsorbate
+            # OC20: the fixed atoms are exactly the subsurface ones
+            assert torch.equal(d.fixed.bool(), d.tags == 0)
+            assert set(d.atomic_numbers[d.tags == 2].long().tolist()) <= {1, 6, 7, 8}
+            assert set(d.atomic_numbers[d.tags != 2].long().tolist()) <= {13, 28, 29, 46, 47, 78, 79}
+            assert isinstance(d.energy, float) and np.isfinite(d.energy)
+            assert isinstance(d.sid, int) and isinstance(d.fid, int)
+        assert ds.metadata_hasattr("natoms")
+
+
+@pytest.mark.filterwarnings("ignore:edge_index information not found")
+def test_metadata_is_what_fairchem_make_lmdb_sizes_writes(tiny, tmp_path):
+    from fairchem.core.scripts.make_lmdb_sizes import make_lmdb_sizes
+
+    copy = tmp_path / "val_id"
+    shutil.copytree(tiny / "s2ef" / "val_id", copy)
+    ours = np.load(copy / "metadata.npz")
+    (copy / "metadata.npz").unlink()
+    make_lmdb_sizes(Namespace(data_path=str(copy), num_workers=1))
+    theirs = np.load(copy / "metadata.npz")
+    assert set(ours.files) == set(theirs.files) == {"natoms"}
+    assert ours["natoms"].dtype == theirs["natoms"].dtype
+    np.testing.assert_array_equal(ours["natoms"], theirs["natoms"])
+
+
+def test_labels_are_the_calculator_on_the_stored_structures(tiny):
+    """Forces are EMT's on the stored positions; energies are EMT's up to one per-system reference."""
+    from ase import Atoms
+    from ase.calculators.emt import EMT
+    from fairchem.core.datasets import LmdbDataset
+
+    ds = LmdbDataset({"src": str(tiny / "s2ef" / "train")})
+    by_sid: dict[int, list] = {}
+    for i in range(len(ds)):
+        by_sid.setdefault(ds[i].sid, []).append(ds[i])
+    sid, frames = next((s, f) for s, f in by_sid.items() if len(f) >= 2)
+    emt = []
+    for d in frames[:2]:
+        atoms = Atoms(numbers=d.atomic_numbers.long().numpy(), positions=d.pos.double().numpy(),
+                      cell=d.cell[0].double().numpy(), pbc=True)
+        atoms.calc = EMT()
+        emt.append(atoms.get_potential_energy())
+        np.testing.assert_allclose(atoms.get_forces(), d.forces.numpy(), atol=2e-3)
+    # adsorption referencing subtracts the same slab + gas reference within one system
+    assert abs((emt[0] - emt[1]) - (frames[0].energy - frames[1].energy)) < 2e-3
+    # and the reference is large: these are not total energies
+    assert abs(emt[0] - frames[0].energy) > 1.0
+
+
+def test_splits_are_disjoint_in_the_oc20_sense(tiny):
+    from fairchem.core.datasets import LmdbDataset
+
+    summary = json.loads((tiny / "s2ef" / "summary.json").read_text())
+    ads, cat = summary["partition"]["adsorbates"], summary["partition"]["catalysts"]
+    assert not set(ads["seen"]) & set(ads["unseen"]) and not set(cat["seen"]) & set(cat["unseen"])
+    pools = {"train": ("seen", "seen"), "val_id": ("seen", "seen"), "val_ood_ads": ("unseen", "seen"),
+             "val_ood_cat": ("seen", "unseen"), "val_ood_both": ("unseen", "unseen")}
+    sids = {}
+    for split, (ap, cp) in pools.items():
+        sp = summary["splits"][split]
+        assert set(sp["adsorbates"]) <= set(ads[ap]), split
+        assert set(sp["catalysts"]) <= set(cat[cp]), split
+        ds = LmdbDataset({"src": str(tiny / "s2ef" / split)})
+        sids[split] = {ds[i].sid for i in range(len(ds))}
+    for a in SPLITS:
+        for b in SPLITS:
+            if a < b:
+                assert not sids[a] & sids[b], (a, b)
+    # ID validation: seen adsorbates and catalysts but new (catalyst, facet, adsorbate) systems
+    assert summary["splits"]["val_id"]["systems"] >= 1
+
+
+def test_split_checker_rejects_leaks():
+    part = {"ads": {"seen": [1, 2], "unseen": [3]}, "cat": {"seen": ["Cu"], "unseen": ["Pt"]}}
+
+    def o(split, cat, ads, sid, miller=(1, 1, 1)):
+        return {"candidate": {"split": split, "catalyst": cat, "adsorbate_id": ads, "sid": sid, "miller": miller}}
+
+    ok = {s: [] for s in SPLITS}
+    ok["train"] = [o("train", "Cu", 1, 0)]
+    ok["val_id"] = [o("val_id", "Cu", 2, 1)]
+    ok["val_ood_both"] = [o("val_ood_both", "Pt", 3, 2)]
+    check_splits(ok, part)
+    with pytest.raises(AssertionError):  # unseen adsorbate in val_id
+        check_splits({**ok, "val_id": [o("val_id", "Cu", 3, 1)]}, part)
+    with pytest.raises(AssertionError):  # unseen catalyst in val_ood_ads
+        check_splits({**ok, "val_ood_ads": [o("val_ood_ads", "Pt", 3, 5)]}, part)
+    with pytest.raises(AssertionError):  # the same system in train and val_id
+        check_splits({**ok, "val_id": [o("val_id", "Cu", 1, 1)]}, part)
+
+
+def test_partition_is_seeded_and_covers_everything():
+    from leignn_ocp.data.catalysts import adsorbate_ids, default_catalysts
+
+    cats, ads = default_catalysts(), adsorbate_ids()
+    assert len(ads) >= 80  # OC20's adsorbates are all H/C/N/O
+    p0, p0b, p1 = (partition(GenConfig(seed=s), cats, ads) for s in (0, 0, 1))
+    assert p0 == p0b and p0 != p1
+    assert sorted(p0["ads"]["seen"] + p0["ads"]["unseen"]) == ads
+    assert sorted(p0["cat"]["seen"] + p0["cat"]["unseen"]) == sorted(c.name for c in cats)
+    # both elemental metals and alloys are held out for OOD-cat
+    assert any(len(c) <= 2 for c in p0["cat"]["unseen"]) and any(len(c) > 2 for c in p0["cat"]["unseen"])
+
+
+def test_same_seed_gives_byte_identical_data_and_other_seed_differs(tiny, tmp_path):
+    again = tmp_path / "again"
+    generate(GenConfig(**TINY), again, workers=2, progress=False)  # other worker count, same bytes
+    a, b = _files(tiny), _files(again)
+    assert a.keys() == b.keys() and len(a) == 2 * len(SPLITS)
+    for k in a:
+        assert a[k] == b[k], f"{k} differs between two runs with the same seed"
+    other = tmp_path / "other"
+    generate(GenConfig(**{**TINY, "seed": 1}), other, workers=2, progress=False)
+    c = _files(other)
+    assert c["s2ef/train/data.lmdb"] != a["s2ef/train/data.lmdb"]
+
+
+def test_cli_skips_existing_matching_data(tiny, capsys):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import generate_data
+
+    lmdb_file = tiny / "s2ef" / "train" / "data.lmdb"
+    before = lmdb_file.stat().st_mtime_ns
+    assert existing_matches(tiny, GenConfig(**TINY))
+    assert not existing_matches(tiny, GenConfig(**{**TINY, "seed": 5}))
+    assert generate_data.main(["--out", str(tiny), *TINY_ARGS]) == 0
+    assert "already holds this dataset" in capsys.readouterr().out
+    assert lmdb_file.stat().st_mtime_ns == before
+
+
+def test_cli_rejects_bad_arguments(tmp_path):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import generate_data
+
+    with pytest.raises(SystemExit):
+        generate_data.main(["--out", str(tmp_path), "--millers", "1x1"])
+    assert generate_data.main(["--out", str(tmp_path), "--train-systems", "0"]) == 2
+    assert not (tmp_path / "s2ef").exists()
+
+
+def test_paper_split_tool_is_deterministic_and_disjoint(tiny, tmp_path):
+    from fairchem.core.datasets import LmdbDataset
+
+    from leignn_ocp.data.lmdb_io import iter_raw_lmdb_dir
+
+    src = tiny / "s2ef" / "train"
+    n = validate_lmdb(src)
+    gc.collect()  # LmdbDatasets of earlier tests hold the files open (one handle per process)
+    src_records = [raw for _, raw in iter_raw_lmdb_dir(src)]
+    counts = split_lmdb(src, tmp_path / "a", seed=0)
+    assert counts == {"train": n - round(0.2 * n), "val": round(0.2 * n)}
+    tr = [raw for _, raw in iter_raw_lmdb_dir(tmp_path / "a" / "train")]
+    va = [raw for _, raw in iter_raw_lmdb_dir(tmp_path / "a" / "val")]
+    assert not set(tr) & set(va) and sorted(tr + va) == sorted(src_records)
+    assert len(LmdbDataset({"src": str(tmp_path / "a" / "val")})) == counts["val"]
+    meta = np.load(tmp_path / "a" / "val" / "metadata.npz")["natoms"]
+    assert list(meta) == [pickle.loads(r).natoms for r in va]
+
+    split_lmdb(src, tmp_path / "b", seed=0)
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+    split_lmdb(src, tmp_path / "c", seed=1)
+    assert _files(tmp_path / "a") != _files(tmp_path / "c")
+
+    # the 50K-of-200K protocol: a 25 % subset, then 8:2
+    sub = split_lmdb(src, tmp_path / "s", seed=0, subset_frac=0.25)
+    assert sum(sub.values()) == round(0.25 * n)
+    with pytest.raises(FileExistsError):
+        split_lmdb(src, tmp_path / "a", seed=0)
+
+
+def test_split_indices_protocol():
+    tr, va = split_indices(200_000, (0.8, 0.2), seed=0)
+    assert (len(tr), len(va)) == (160_000, 40_000) and not np.intersect1d(tr, va).size
+    tr50, va50 = split_indices(200_000, (0.8, 0.2), seed=0, subset_frac=0.25)
+    assert (len(tr50), len(va50)) == (40_000, 10_000)
+    assert np.array_equal(split_indices(1000, (0.8, 0.2), seed=3)[1], split_indices(1000, (0.8, 0.2), seed=3)[1])
+    with pytest.raises(ValueError):
+        split_indices(10, (0.7, 0.2), seed=0)
+
+
+def _data(n=3, **labels):
+    d = Data(pos=torch.zeros(n, 3), atomic_numbers=torch.ones(n), natoms=n, cell=torch.eye(3).view(1, 3, 3),
+             tags=torch.zeros(n, dtype=torch.long), fixed=torch.zeros(n))
+    for k, v in labels.items():
+        d[k] = v
+    return d
+
+
+def test_validate_lmdb_errors_name_the_problem(tmp_path):
+    with pytest.raises(LmdbValidationError, match="does not exist"):
+        validate_lmdb(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LmdbValidationError, match=r"no \*\.lmdb files"):
+        validate_lmdb(tmp_path / "empty")
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "data.lmdb").write_bytes(os.urandom(8192))
+    with pytest.raises(LmdbValidationError, match="corrupt or not LMDB"):
+        validate_lmdb(tmp_path / "corrupt")
+
+    write_lmdb_dir(tmp_path / "noforces", [_data(energy=1.0)])
+    with pytest.raises(LmdbValidationError, match="'forces'.* is missing"):
+        validate_lmdb(tmp_path / "noforces")
+    assert validate_lmdb(tmp_path / "noforces", required=("energy",)) == 1
+
+    write_lmdb_dir(tmp_path / "badshape", [_data(energy=1.0, forces=torch.zeros(2, 3))])
+    with pytest.raises(LmdbValidationError, match=r"'forces' is shape \(2, 3\)"):
+        validate_lmdb(tmp_path / "badshape")
+    write_lmdb_dir(tmp_path / "nan", [_data(energy=float("nan"), forces=torch.zeros(3, 3))])
+    with pytest.raises(LmdbValidationError, match="'energy' is not one finite number"):
+        validate_lmdb(tmp_path / "nan")
+    # OC20's raw key names (y, force) are accepted
+    write_lmdb_dir(tmp_path / "oc20keys", [_data(y=-1.0, force=torch.zeros(3, 3))])
+    assert validate_lmdb(tmp_path / "oc20keys") == 1
+
+    (tmp_path / "zero").mkdir()
+    env = lmdb.open(str(tmp_path / "zero" / "data.lmdb"), subdir=False, lock=False)
+    env.close()
+    with pytest.raises(LmdbValidationError, match="hold no records"):
+        validate_lmdb(tmp_path / "zero")
+
+    (tmp_path / "garbage").mkdir()
+    env = lmdb.open(str(tmp_path / "garbage" / "data.lmdb"), subdir=False, lock=False)
+    with env.begin(write=True) as txn:
+        txn.put(b"0", b"not a pickle")
+    env.close()
+    with pytest.raises(LmdbValidationError, match="record 0 cannot be unpickled"):
+        validate_lmdb(tmp_path / "garbage")
+
+
+def test_writes_are_atomic(tmp_path):
+    final = tmp_path / "ds"
+    write_lmdb_dir(final, [_data(energy=1.0, forces=torch.zeros(3, 3))])
+    before = _files(final)
+    with pytest.raises(RuntimeError):
+        with atomic_dir(final) as tmp:
+            (tmp / "data.lmdb").write_bytes(b"half")
+            raise RuntimeError("crash mid-write")
+    assert _files(final) == before  # the old dataset is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # no temp folder left behind
+    with pytest.raises(ValueError, match="empty dataset"):
+        write_lmdb_dir(tmp_path / "none", [])
+    assert not (tmp_path / "none").exists()
+
+
+def test_bad_generator_arguments():
+    from leignn_ocp.data.generate import make_calculator
+
+    with pytest.raises(ValueError):
+        GenConfig(train_systems=0)
+    with pytest.raises(ValueError):
+        GenConfig(millers=((0, 0, 0),))
+    with pytest.raises(ValueError, match="unknown calculator"):
+        make_calculator("dft-please")
+    with pytest.raises(RuntimeError, match="cannot build calculator"):
+        make_calculator("no_such_module:Calc")
+
+
+def test_rigid_body_keeps_adsorbate_geometry_while_relaxing():
+    from ase.build import add_adsorbate, fcc111, molecule
+    from ase.calculators.emt import EMT
+    from ase.constraints import FixAtoms
+    from ase.optimize import BFGS
+
+    from leignn_ocp.data.rigid import RigidBody
+
+    slab = fcc111("Cu", size=(2, 2, 3), vacuum=8.0)
+    n = len(slab)
+    add_adsorbate(slab, molecule("CH3OH"), 2.0, "ontop")
+    slab.set_constraint([FixAtoms(indices=range(4)), RigidBody(range(n, len(slab)), slab.positions)])
+    d0 = slab[n:].get_all_distances()
+    com0 = slab.positions[n:].mean(0)
+    slab.calc = EMT()
+    BFGS(slab, logfile=None).run(fmax=0.05, steps=40)
+    np.testing.assert_allclose(slab[n:].get_all_distances(), d0, atol=1e-6)
+    assert np.linalg.norm(slab.positions[n:].mean(0) - com0) > 1e-3  # it did move
+
+
+def test_keep_anomalies_flags_records_instead_of_dropping(tmp_path):
+    """Free (non-rigid) EMT relaxations break adsorbates; kept systems carry the OC20 anomaly flag."""
+    from fairchem.core.datasets import LmdbDataset
+
+    cfg = GenConfig(**{**TINY, "train_systems": 3, "max_steps": 40, "rigid_adsorbate": "off",
+                       "keep_anomalies": True})
+    summary = generate(cfg, tmp_path / "kept", workers=1, progress=False)
+    flagged_systems = 0
+    for split in SPLITS:
+        fl = summary["filtered"][split]
+        assert fl["action"].startswith("kept") and fl["candidates_tried"] == summary["splits"][split]["systems"]
+        ds = LmdbDataset({"src": str(tmp_path / "kept" / "s2ef" / split)})
+        flags = {}
+        for i in range(len(ds)):
+            assert ds[i].anomaly in (0, 1, 2, 3, 4)
+            flags.setdefault(ds[i].sid, set()).add(ds[i].anomaly)
+        assert all(len(v) == 1 for v in flags.values())  # one flag per system
+        n_bad = sum(v != {0} for v in flags.values())
+        assert n_bad == fl["anomalous"]
+        flagged_systems += n_bad
+    assert flagged_systems >= 1  # EMT's C/H/N/O does break adsorbates when they are free

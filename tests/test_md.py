@@ -1,0 +1,339 @@
+"""MD with LEIGNN: calculator, MD driver, and the MDSim metrics on constructed cases."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk, molecule
+from ase.calculators.emt import EMT
+from ase.io import read
+
+from leignn_ocp.md import metrics as M
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- fixtures
+def _checkpoint(path: Path, model_kwargs: dict, energy=(-5.0, 2.0), forces_rmsd=0.5, seed=0) -> Path:
+    """A checkpoint in the layout fairchem's trainer saves (config + state_dict +
+    normalizers), for a tiny randomly initialised model with non-trivial normalizers."""
+    from leignn_ocp.md.compat import LEIGNN
+
+    torch.manual_seed(seed)
+    model = LEIGNN(**model_kwargs)
+    config = {
+        "trainer": "ocp",
+        "model": {"name": "leignn_ocp.md.compat.LEIGNN", **model_kwargs},
+        "outputs": {"energy": {"shape": 1, "level": "system"},
+                    "forces": {"irrep_dim": 1, "level": "atom", "train_on_free_atoms": True,
+                               "eval_on_free_atoms": True}},
+        "loss_functions": [{"energy": {"fn": "mae", "coefficient": 1}},
+                           {"forces": {"fn": "mae", "coefficient": 50}}],
+        "evaluation_metrics": {"metrics": {"energy": ["mae"], "forces": ["mae"]}, "primary_metric": "forces_mae"},
+        "optim": {"batch_size": 1, "eval_batch_size": 1, "max_epochs": 1},
+        "dataset": {"format": "lmdb", "src": str(path.parent)},
+        "task": {},
+        "logger": "tensorboard",
+        "amp": False,
+        "cmd": {"seed": seed, "identifier": "test", "print_every": 10},
+        "slurm": {},
+    }
+    ckpt = {
+        "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
+        "normalizers": {"energy": {"mean": torch.tensor(energy[0]), "rmsd": torch.tensor(energy[1])},
+                        "forces": {"mean": torch.tensor(0.0), "rmsd": torch.tensor(forces_rmsd)}},
+        "config": config,
+        "amp": None,
+    }
+    torch.save(ckpt, path)
+    return path
+
+
+KW_PBC = dict(hidden_channels=16, num_layers=2, num_rbf=8, cutoff=4.0, max_neighbors=30, use_pbc=True)
+KW_MOL = dict(hidden_channels=16, num_layers=2, num_rbf=8, cutoff=4.0, max_neighbors=20, use_pbc=False)
+
+
+@pytest.fixture(scope="module")
+def ckpt_pbc(tmp_path_factory):
+    return _checkpoint(tmp_path_factory.mktemp("ck") / "pbc.pt", KW_PBC)
+
+
+@pytest.fixture(scope="module")
+def ckpt_mol(tmp_path_factory):
+    return _checkpoint(tmp_path_factory.mktemp("ck") / "mol.pt", KW_MOL)
+
+
+def _model_prediction(ckpt_path: Path, atoms: Atoms):
+    from leignn_ocp.batching import atoms_to_batch
+    from leignn_ocp.md.compat import LEIGNN
+
+    ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    kw = {k: v for k, v in ck["config"]["model"].items() if k != "name"}
+    model = LEIGNN(**kw)
+    model.load_state_dict({k.removeprefix("module."): v for k, v in ck["state_dict"].items()})
+    model.eval()
+    batch = atoms_to_batch(atoms)
+    batch.pbc = torch.tensor([list(atoms.pbc)])
+    out = model(batch)
+    en, fn = ck["normalizers"]["energy"], ck["normalizers"]["forces"]
+    e = float(out["energy"][0] * en["rmsd"] + en["mean"])
+    f = (out["forces"] * fn["rmsd"] + fn["mean"]).detach().numpy()
+    return e, f
+
+
+# ----------------------------------------------------------------------------- calculator
+def test_calculator_matches_model_periodic(ckpt_pbc):
+    from leignn_ocp.md.calculator import LEIGNNCalculator
+
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 2))
+    atoms.rattle(0.1, seed=1)
+    calc = LEIGNNCalculator(ckpt_pbc)
+    assert calc.direct_forces
+    atoms.calc = calc
+    e, f = atoms.get_potential_energy(), atoms.get_forces()
+    e_ref, f_ref = _model_prediction(ckpt_pbc, atoms)
+    assert f.shape == (len(atoms), 3)
+    assert e == pytest.approx(e_ref, abs=1e-4)
+    np.testing.assert_allclose(f, f_ref, atol=1e-5)
+    assert np.abs(f).max() > 1e-4  # not trivially zero
+
+    # positions far outside the cell are wrapped: same energy/forces as the wrapped structure
+    shifted = atoms.copy()
+    shifted.positions += atoms.cell[0] * 3 - atoms.cell[2] * 2
+    shifted.calc = calc
+    assert shifted.get_potential_energy() == pytest.approx(e, abs=1e-4)
+    np.testing.assert_allclose(shifted.get_forces(), f, atol=1e-4)
+    np.testing.assert_allclose(shifted.positions, atoms.positions + atoms.cell[0] * 3 - atoms.cell[2] * 2)
+
+
+def test_calculator_matches_model_molecule(ckpt_mol):
+    from leignn_ocp.md.calculator import LEIGNNCalculator
+
+    atoms = molecule("CH3CH2OH")
+    atoms.calc = LEIGNNCalculator(ckpt_mol)
+    e_ref, f_ref = _model_prediction(ckpt_mol, atoms)
+    assert atoms.get_potential_energy() == pytest.approx(e_ref, abs=1e-4)
+    np.testing.assert_allclose(atoms.get_forces(), f_ref, atol=1e-5)
+
+
+def test_conservative_checkpoint_gives_gradient_forces(tmp_path):
+    from leignn_ocp.md.calculator import LEIGNNCalculator
+
+    ck = _checkpoint(tmp_path / "cons.pt", {**KW_MOL, "direct_forces": False}, energy=(0.0, 1.0), forces_rmsd=1.0)
+    calc = LEIGNNCalculator(ck)
+    assert not calc.direct_forces
+    atoms = molecule("CH3CH2OH")
+    atoms.calc = calc
+    f = atoms.get_forces()
+    h = 1e-3
+    for i, k in ((0, 0), (3, 2)):
+        p, m = atoms.copy(), atoms.copy()
+        p.positions[i, k] += h
+        m.positions[i, k] -= h
+        p.calc = m.calc = calc
+        fd = -(p.get_potential_energy() - m.get_potential_energy()) / (2 * h)
+        assert f[i, k] == pytest.approx(fd, abs=5e-3)
+
+
+def test_conservative_checkpoint_with_unequal_scales_warns(tmp_path, caplog):
+    from leignn_ocp.md.calculator import LEIGNNCalculator
+
+    ck = _checkpoint(tmp_path / "bad.pt", {**KW_MOL, "direct_forces": False}, energy=(0.0, 2.0), forces_rmsd=0.5)
+    with caplog.at_level("WARNING", logger="leignn_ocp.md.calculator"):
+        LEIGNNCalculator(ck)
+    assert "different scales" in caplog.text
+
+
+# ----------------------------------------------------------------------------- MD driver
+def test_run_md_script_writes_readable_trajectory(ckpt_pbc, tmp_path):
+    start = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 2))
+    start.write(tmp_path / "start.traj")
+    out = tmp_path / "md.traj"
+    r = subprocess.run(
+        [sys.executable, str(REPO / "scripts/run_md.py"), "--checkpoint", str(ckpt_pbc), "--structure",
+         str(tmp_path / "start.traj"), "--out", str(out), "--ensemble", "langevin", "--temperature-K", "300",
+         "--timestep-fs", "1", "--steps", "6", "--save-every", "2", "--seed", "3", "--no-progress",
+         "--max-force", "1e9", "--min-distance", "0.1"],
+        capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    frames = read(str(out), ":")
+    assert len(frames) == 4  # steps 0, 2, 4, 6
+    assert [a.info["time_fs"] for a in frames] == [0.0, 2.0, 4.0, 6.0]
+    assert not np.allclose(frames[0].positions, frames[-1].positions)
+    assert np.isfinite(frames[-1].get_forces()).all() and np.isfinite(frames[-1].get_potential_energy())
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["steps_done"] == 6 and summary["blew_up"] is False
+
+
+@pytest.mark.parametrize("ensemble", ["nose-hoover", "bussi", "berendsen", "nve"])
+def test_run_md_ensembles(ensemble, tmp_path):
+    from leignn_ocp.md.run import run_md
+
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 2))
+    s = run_md(atoms, EMT(), tmp_path / "x.traj", ensemble=ensemble, timestep_fs=2.0, temperature_K=500,
+               steps=10, save_every=5, progress=False)
+    assert s["steps_done"] == 10 and not s["blew_up"]
+    assert len(read(str(tmp_path / "x.traj"), ":")) == 3
+
+
+class _Exploding(EMT):
+    """EMT that turns non-finite after a number of calls: a model that blows up."""
+
+    def __init__(self, after: int):
+        super().__init__()
+        self.after, self.calls = after, 0
+
+    def calculate(self, *args, **kwargs):
+        super().calculate(*args, **kwargs)
+        self.calls += 1
+        if self.calls > self.after:
+            self.results["forces"] = self.results["forces"] * np.nan
+
+
+def test_run_md_stops_on_blowup(tmp_path):
+    from leignn_ocp.md.run import run_md
+
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 2))
+    s = run_md(atoms, _Exploding(after=7), tmp_path / "b.traj", ensemble="langevin", timestep_fs=1.0,
+               temperature_K=300, steps=100, save_every=2, progress=False)
+    assert s["blew_up"] and "non-finite" in s["blowup_reason"]
+    assert s["steps_done"] < 100
+    assert json.loads((tmp_path / "b.json").read_text())["blew_up"] is True
+
+
+def test_run_md_flags_broken_bond(tmp_path):
+    from leignn_ocp.md.run import BlowUp, BlowUpMonitor
+
+    mol = molecule("CH3CH2OH")
+    mon = BlowUpMonitor()
+    mon.setup(mol)
+    mol.calc = EMT()
+    stretched = mol.copy()
+    stretched.calc = EMT()
+    stretched.positions[3] += (stretched.positions[3] - stretched.positions[2]) / np.linalg.norm(
+        stretched.positions[3] - stretched.positions[2]) * 0.8  # O-H bond +0.8 A
+    mon.check(mol, 0)
+    with pytest.raises(BlowUp, match="bond 2-3"):
+        mon.check(stretched, 5)
+
+
+# ----------------------------------------------------------------------------- metrics
+def _liquid_like(n_frames=30, seed=0):
+    rng = np.random.default_rng(seed)
+    base = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((4, 4, 4))  # 14.4 A box
+    frames = []
+    for t in range(n_frames):
+        a = base.copy()
+        a.positions += rng.normal(0, 0.12, a.positions.shape)
+        a.info["time_fs"] = 100.0 * t
+        frames.append(a)
+    return frames
+
+
+def test_rdf_identical_trajectory_zero_error_and_stable():
+    frames = _liquid_like()
+    r, g = M.rdf(frames)
+    assert len(r) == 500 and r[-1] < 6.0
+    # fcc first shell at a/sqrt(2) = 2.55 A, 12 neighbours: coordination from g(r)
+    rho = len(frames[0]) / frames[0].get_volume()
+    dr = r[1] - r[0]
+    n1 = np.sum(4 * np.pi * r[r < 3.0] ** 2 * g[r < 3.0] * rho * dr)
+    assert n1 == pytest.approx(12, rel=0.03)
+    assert abs(r[np.argmax(g)] - 2.55) < 0.1
+    t = M.frame_times_ps(frames)
+    s = M.rdf_stability(frames, frames, t, window_ps=1.0, threshold=1.0)
+    assert s["stable"] and s["first_unstable_window"] is None
+    assert len(s["window_rdf_mae"]) == 2  # frames at 0..2.9 ps: two whole 1 ps windows
+    assert M.curve_mae(g, M.rdf(frames)[1]) == 0.0
+
+
+def test_rdf_small_cell_matches_minimum_image_and_images():
+    """A cell narrower than 2 r_max counts every image; it must equal the big-cell g(r)
+    (computed by minimum image) up to the N(N-1) normalisation, (N-1)/N = 0.8 % apart."""
+    small = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((3, 3, 3))  # 10.8 A < 12 A
+    big = small.repeat((2, 2, 2))
+    rng = np.random.default_rng(0)
+    small.positions += rng.normal(0, 0.1, small.positions.shape)
+    big = small.repeat((2, 2, 2))
+    g_small, g_big = M.rdf([small])[1], M.rdf([big])[1]
+    n, n_big = len(small), len(big)
+    np.testing.assert_allclose(g_small * (n - 1) / n, g_big * (n_big - 1) / n_big, atol=1e-9)
+
+
+def test_rdf_stability_flags_collapse_window(tmp_path):
+    frames = _liquid_like(50)
+    ref = frames[:20]
+    broken = [a.copy() for a in frames]
+    rng = np.random.default_rng(1)
+    for a in broken[25:]:  # from 2.5 ps: random gas -> RDF far from the crystal's
+        a.set_scaled_positions(rng.random((len(a), 3)))
+    res = M.evaluate_condensed(broken, ref, tmp_path, name="broken")
+    assert res["stable"] is False
+    assert res["window_start_ps"][2] == pytest.approx(2.0)
+    assert res["stable_ps"] == pytest.approx(2.0)  # window [2, 3) ps has the first bad frames
+    assert res["window_rdf_mae"][0] < 1.0 < res["window_rdf_mae"][2]
+    assert (tmp_path / "broken_rdf.png").stat().st_size > 0
+    assert (tmp_path / "broken_stability.png").stat().st_size > 0
+    assert json.loads((tmp_path / "broken_metrics.json").read_text())["stable"] is False
+
+
+def test_bond_stability_flags_stretched_bond_at_right_frame(tmp_path):
+    mol = molecule("CH3CH2OH")
+    frames = []
+    for t in range(20):
+        a = mol.copy()
+        a.info["time_fs"] = 0.5 * t
+        if t >= 13:  # stretch the C-C bond by 0.6 A from frame 13 on
+            a.positions[1] += (a.positions[1] - a.positions[0]) / np.linalg.norm(a.positions[1] - a.positions[0]) * 0.6
+        frames.append(a)
+    res = M.bond_stability(frames, frames[:5])
+    assert len(res["bonds"]) == 8  # C-C, C-O, O-H, 5 C-H
+    assert res["first_unstable_frame"] == 13
+    assert res["max_deviation"][12] == pytest.approx(0.0, abs=1e-9)
+    ev = M.evaluate_molecule(frames, frames[:5], tmp_path, name="stretch")
+    assert ev["first_unstable_frame"] == 13 and ev["stable_ps"] == pytest.approx(13 * 0.5e-3)
+    same = M.evaluate_molecule(frames[:5], frames[:5], tmp_path, name="same")
+    assert same["stable"] and same["hr_mae"] == 0.0
+
+
+def test_diffusivity_random_walk_known_D():
+    D = 0.3  # A^2/ps
+    dt = 0.05  # ps between frames
+    n_atoms, n_frames = 400, 400
+    rng = np.random.default_rng(0)
+    steps = rng.normal(0.0, np.sqrt(2 * D * dt), (n_frames - 1, n_atoms, 3))
+    pos = np.concatenate([np.zeros((1, n_atoms, 3)), np.cumsum(steps, axis=0)]) + 10.0
+    cell = np.eye(3) * 8.0  # the walkers cross the periodic box many times: wrapped positions
+    frames = []
+    for p in pos:
+        a = Atoms("Li" * n_atoms, positions=p, cell=cell, pbc=True)
+        a.wrap()
+        frames.append(a)
+    res = M.diffusivity(frames, np.arange(n_frames) * dt, species=["Li"])
+    assert res["D_A2_per_ps"] == pytest.approx(D, rel=0.05)
+    assert res["D_1e-5_cm2_per_s"] == pytest.approx(10 * res["D_A2_per_ps"])
+
+
+def test_msd_linear_drift():
+    v = np.array([0.1, -0.2, 0.05])
+    pos = np.arange(20)[:, None, None] * v[None, None, :] * np.ones((1, 3, 1))
+    m = M.msd(pos)
+    np.testing.assert_allclose(m, (np.arange(20) ** 2) * (v @ v))
+
+
+def test_nve_drift_of_emt_is_small(tmp_path):
+    from leignn_ocp.md.run import run_md
+
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 2))
+    run_md(atoms, EMT(), tmp_path / "nve.traj", ensemble="nve", timestep_fs=1.0, temperature_K=300,
+           steps=100, save_every=5, progress=False)
+    frames = read(str(tmp_path / "nve.traj"), ":")
+    d = M.nve_energy_drift(frames, M.frame_times_ps(frames))
+    assert abs(d["drift_meV_per_ps_per_atom"]) < 1.0 and d["max_abs_dev_meV_per_atom"] < 1.0

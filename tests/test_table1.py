@@ -1,0 +1,171 @@
+"""Table 1 script: hand-checkable metrics, table files, the S2EF submission round trip."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import pickle
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import pytest
+import torch
+from torch_geometric.data import Data
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("evaluate", REPO / "scripts" / "evaluate.py")
+ev = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ev)
+
+# two structures: the first 3 atoms (1 fixed), the second 2 atoms (1 fixed)
+E_TRUE = np.array([0.0, 0.0])
+E_PRED = np.array([0.01, 0.5])
+F_TRUE_FREE = np.array([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
+F_PRED_FREE = np.array([[1.02, 0, 0], [0, 1.0, 0], [0, 1.0, 0]])
+NFREE = np.array([2, 1])
+# energy MAE (0.01 + 0.5) / 2 = 255 meV; force MAE (0.02 + 1 + 1) / 9 components = 224.44 meV/A;
+# cosines 1, 1, 0 -> 2/3; EFwT: structure 1 (|dE| 0.01 < 0.02, max |dF| 0.02 < 0.03) passes,
+# structure 2 fails -> 50 %
+HAND = {"energy_mae_meV": 255.0, "forces_mae_meV_per_A": 2020.0 / 9, "forces_cos": 2 / 3, "efwt_percent": 50.0}
+
+
+def _check(got, want, rel=1e-6):
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=rel, abs=1e-9), f"{k}: {got[k]} != {v}"
+
+
+def test_metrics_by_hand():
+    got = ev.metrics_from_arrays(E_PRED, E_TRUE, F_PRED_FREE, F_TRUE_FREE, NFREE)
+    _check(got, HAND)
+    assert got["n_structures"] == 2
+    perfect = ev.metrics_from_arrays(E_TRUE, E_TRUE, F_TRUE_FREE, F_TRUE_FREE, NFREE)
+    _check(perfect, {"energy_mae_meV": 0.0, "forces_mae_meV_per_A": 0.0, "forces_cos": 1.0, "efwt_percent": 100.0})
+    with pytest.raises(ValueError, match="shapes differ"):
+        ev.metrics_from_arrays(E_PRED, E_TRUE, F_PRED_FREE[:2], F_TRUE_FREE, NFREE)
+
+
+def test_table_files(tmp_path):
+    row = ev.metrics_from_arrays(E_PRED, E_TRUE, F_PRED_FREE, F_TRUE_FREE, NFREE)
+    other = dict(row, energy_mae_meV=100.0, forces_mae_meV_per_A=10.0)
+    results = {"LEIGNN": {t: row for _, _, t in ev.SPLITS}, "PaiNN": {t: other for _, _, t in ev.SPLITS}}
+    md = ev.write_outputs(results, tmp_path, "test", extra={"LEIGNN": {"params": 5}})
+    assert "| LEIGNN | 255.0 | 224.4 | 255.0 | 224.4 | 255.0 | 224.4 | 255.0 | 224.4 |" in md
+    assert "| PaiNN | 100.0 | 10.0 |" in md
+    assert "| LEIGNN | 0.667 | 50.00 |" in md
+    back = ev.read_csv(tmp_path / "table1.csv")
+    assert set(back) == {"LEIGNN", "PaiNN"} and set(back["LEIGNN"]) == {"ID", "OOD-Ads", "OOD-Cat", "OOD-Both"}
+    _check(back["LEIGNN"]["OOD-Cat"], HAND, rel=1e-5)
+    assert (tmp_path / "table1.png").stat().st_size > 1000
+    with open(tmp_path / "table1.csv") as f:
+        assert len(list(csv.reader(f))) == 1 + 8
+
+
+# ----------------------------------------------------------------------------- LMDB helpers
+def write_lmdb(path: Path, structures: list[Data]) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    env = lmdb.open(str(path / "data.0000.lmdb"), subdir=False, map_size=1 << 26, meminit=False, map_async=True)
+    with env.begin(write=True) as txn:
+        for i, d in enumerate(structures):
+            txn.put(f"{i}".encode("ascii"), pickle.dumps(d, protocol=-1))
+    env.sync()
+    env.close()
+
+
+def known_split(sid0: int) -> list[Data]:
+    """The two structures of the hand-checked example, OC20 field names (y, force)."""
+    out = []
+    forces_all = [np.vstack([np.zeros((1, 3)), F_TRUE_FREE[:2]]), np.vstack([np.zeros((1, 3)), F_TRUE_FREE[2:]])]
+    for k, (n, f) in enumerate(zip([3, 2], forces_all)):
+        out.append(Data(
+            pos=torch.rand(n, 3) * 5, cell=torch.eye(3).unsqueeze(0) * 10, atomic_numbers=torch.full((n,), 29.0),
+            natoms=n, fixed=torch.tensor([1.0] + [0.0] * (n - 1)), tags=torch.tensor([0] + [1] * (n - 1)),
+            y=float(E_TRUE[k]), force=torch.tensor(f, dtype=torch.float32), sid=sid0 + k, fid=k,
+        ))
+    return out
+
+
+def fake_predictions(path: Path, ids, e, f_free, nfree) -> Path:
+    """A file in the layout trainer.predict writes (free-atom forces, chunk_idx)."""
+    np.savez_compressed(path, ids=np.array(ids), energy=np.asarray(e, np.float32),
+                        forces=np.asarray(f_free, np.float32), chunk_idx=np.cumsum(nfree)[:-1])
+    return path
+
+
+def test_submission_round_trip(tmp_path):
+    data = tmp_path / "data"
+    files = {}
+    for j, (key, suffix, _) in enumerate(ev.SPLITS):
+        write_lmdb(data / f"val_{suffix}", known_split(100 * j))
+        # predictions stored in reverse order: the scorer matches them by id
+        ids = [f"{100 * j + 1}_1", f"{100 * j}_0"]
+        files[key] = fake_predictions(tmp_path / f"{key}.npz", ids, E_PRED[::-1],
+                                      np.vstack([F_PRED_FREE[2:], F_PRED_FREE[:2]]), NFREE[::-1])
+    sub = ev.make_submission(files, tmp_path / "submission")
+    assert sub.name == "submission.npz"
+    z = np.load(sub)
+    assert {f"{k}_{f}" for k, _, _ in ev.SPLITS for f in ("ids", "energy", "forces", "chunk_idx")} <= set(z.files)
+    scores = ev.score_submission(sub, data)
+    for _, _, title in ev.SPLITS:
+        _check(scores[title], HAND, rel=1e-5)
+    # a structure missing from the submission is an error, not a silently smaller test set
+    write_lmdb(data / "val_id", known_split(0) + known_split(7))
+    with pytest.raises(ValueError, match="missing from the submission"):
+        ev.score_submission(sub, data)
+
+
+def test_cli_dispatch_defaults_to_quick():
+    with pytest.raises(SystemExit, match="checkpoint"):
+        ev.main(["--data", "x"])
+
+
+# ----------------------------------------------------------------------------- real trainer path
+def _emt_structures(n: int, seed: int, sid0: int) -> list[Data]:
+    from ase.build import add_adsorbate, fcc111
+    from ase.calculators.emt import EMT
+    from ase.constraints import FixAtoms
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        slab = fcc111("Cu", size=(2, 2, 3), vacuum=6.0)
+        add_adsorbate(slab, "O", 1.6, "fcc")
+        fixed = np.array([a.tag == 3 for a in slab])  # bottom layer
+        slab.set_constraint(FixAtoms(mask=fixed))
+        slab.positions += rng.normal(scale=0.08, size=slab.positions.shape) * ~fixed[:, None]
+        slab.calc = EMT()
+        e, f = slab.get_potential_energy(), slab.get_forces(apply_constraint=False)
+        out.append(Data(
+            pos=torch.tensor(slab.positions, dtype=torch.float32), cell=torch.tensor(slab.cell[:], dtype=torch.float32)[None],
+            atomic_numbers=torch.tensor(slab.numbers, dtype=torch.float32), natoms=len(slab),
+            fixed=torch.tensor(fixed, dtype=torch.float32), tags=torch.tensor([2 if s == "O" else 1 for s in slab.symbols]),
+            y=float(e), force=torch.tensor(f, dtype=torch.float32), sid=sid0 + i, fid=0,
+        ))
+    return out
+
+
+@pytest.mark.slow
+def test_checkpoint_predict_submission_score_agree(tmp_path):
+    """Train a tiny LEIGNN with the fairchem CLI; Table-1 metrics from the trainer path and from the
+    submission file through the local scorer agree."""
+    import subprocess
+
+    from conftest import cli_env, fairchem_cli
+
+    data = tmp_path / "data"
+    write_lmdb(data / "train", _emt_structures(8, 0, 0))
+    for j, (_, suffix, _) in enumerate(ev.SPLITS):
+        write_lmdb(data / f"val_{suffix}", _emt_structures(4, j + 1, 1000 * (j + 1)))
+    cmd = [fairchem_cli(), "--mode", "train", "--config-yml", str(REPO / "configs/s2ef/default/leignn.yml"), "--cpu",
+           "--run-dir", str(tmp_path / "runs"), "--timestamp-id", "tiny", "--optim.max_epochs=1",
+           f"--dataset.train.src={data / 'train'}", f"--dataset.val.src={data / 'val_id'}",
+           f"--dataset.test.src={data / 'val_id'}", "--model.hidden_channels=16", "--model.num_layers=1",
+           "--model.num_rbf=8", "--optim.batch_size=4"]
+    p = subprocess.run(cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    ckpt = ev.find_checkpoint(tmp_path / "runs", "final")
+    direct = ev.evaluate_checkpoint(ckpt, data, "val_")
+    files = ev.predict_splits(ckpt, data, tmp_path / "pred", prefix="val_")
+    scored = ev.score_submission(ev.make_submission(files, tmp_path / "pred" / "submission.npz"), data)
+    for _, _, title in ev.SPLITS:
+        _check(scored[title], {k: direct[title][k] for k in ev.COLUMNS}, rel=1e-4)
