@@ -24,13 +24,13 @@ REPO = Path(__file__).resolve().parents[1]
 def _checkpoint(path: Path, model_kwargs: dict, energy=(-5.0, 2.0), forces_rmsd=0.5, seed=0) -> Path:
     """A checkpoint in the layout fairchem's trainer saves (config + state_dict +
     normalizers), for a tiny randomly initialised model with non-trivial normalizers."""
-    from leignn_ocp.md.compat import LEIGNN
+    from leignn_ocp import LEIGNN
 
     torch.manual_seed(seed)
     model = LEIGNN(**model_kwargs)
     config = {
         "trainer": "ocp",
-        "model": {"name": "leignn_ocp.md.compat.LEIGNN", **model_kwargs},
+        "model": {"name": "leignn_ocp.LEIGNN", **model_kwargs},
         "outputs": {"energy": {"shape": 1, "level": "system"},
                     "forces": {"irrep_dim": 1, "level": "atom", "train_on_free_atoms": True,
                                "eval_on_free_atoms": True}},
@@ -72,7 +72,7 @@ def ckpt_mol(tmp_path_factory):
 
 def _model_prediction(ckpt_path: Path, atoms: Atoms):
     from leignn_ocp.batching import atoms_to_batch
-    from leignn_ocp.md.compat import LEIGNN
+    from leignn_ocp import LEIGNN
 
     ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     kw = {k: v for k, v in ck["config"]["model"].items() if k != "name"}

@@ -109,7 +109,7 @@ def reference(model: LEIGNN, data):
             a_vv, a_sv, a_ss = h[:, :F], h[:, F : 2 * F], h[:, 2 * F :]
             s = s + (a_ss + a_sv * (U * V).sum(1) / math.sqrt(F)) / math.sqrt(2.0)
             v = v + a_vv[:, None, :] * U
-        if glob:  # step 4: plain per-graph means
+        if glob and l < L - 1:  # step 4: plain per-graph means (nothing reads the last one)
             s_mean = torch.stack([s[batch == b_].mean(0) for b_ in range(B)])
             v_mean = torch.stack([v[batch == b_].mean(0) for b_ in range(B)])
             g = g + w.mlp(torch.cat([s_mean, g], -1), f"{pre}.aggregate.mlp", act_out=True)

@@ -173,35 +173,22 @@ def make_trajectories(system: str, out: Path, spec: dict, seed: int, log=print) 
 
 
 def frames_to_lmdb(frames, path: Path, sid_offset: int = 0) -> int:
-    """Write ASE frames (with energy and forces) as a fairchem S2EF LMDB directory.
-
-    One ``data.lmdb`` holding pickled torch_geometric ``Data`` objects under keys
-    ``"0".."n-1"`` plus a ``length`` key: pos [N,3], cell [1,3,3], atomic_numbers, natoms,
-    tags, fixed, energy, forces, sid, fid (the layout fairchem's ``LmdbDataset`` reads).
-    """
-    import pickle
-
-    import lmdb
+    """Write ASE frames (with energy and forces) as a fairchem S2EF LMDB directory, through
+    fairchem's ``AtomsToGraphs`` and the package's atomic LMDB writer."""
     import torch
     from fairchem.core.preprocessing import AtomsToGraphs
 
-    path.mkdir(parents=True, exist_ok=True)
+    from leignn_ocp.data import write_lmdb_dir
+
     a2g = AtomsToGraphs(r_energy=True, r_forces=True, r_fixed=True, r_pbc=True, r_edges=False, r_distances=False)
-    db = path / "data.lmdb"
-    if db.exists():
-        db.unlink()
-        Path(str(db) + "-lock").unlink(missing_ok=True)
-    env = lmdb.open(str(db), map_size=1 << 32, subdir=False, meminit=False, map_async=True)
-    with env.begin(write=True) as txn:
-        for i, atoms in enumerate(frames):
-            d = a2g.convert(atoms)
-            d.sid = torch.tensor([sid_offset + i])
-            d.fid = torch.tensor([0])
-            d.energy = float(d.energy)
-            txn.put(f"{i}".encode("ascii"), pickle.dumps(d, protocol=-1))
-        txn.put(b"length", pickle.dumps(len(frames), protocol=-1))
-    env.sync()
-    env.close()
+    data = []
+    for i, atoms in enumerate(frames):
+        d = a2g.convert(atoms)
+        d.sid = torch.tensor([sid_offset + i])
+        d.fid = torch.tensor([0])
+        d.energy = float(d.energy)
+        data.append(d)
+    write_lmdb_dir(path, data)
     return len(frames)
 
 
