@@ -10,6 +10,22 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+def write_s2ef_lmdb(frames, path: Path) -> None:
+    """ASE frames (with EMT labels) -> a fairchem S2EF LMDB folder: fairchem's own AtomsToGraphs,
+    the package's atomic writer; sid = frame index, fid = 0."""
+    from fairchem.core.preprocessing import AtomsToGraphs
+
+    from leignn_ocp.data import write_lmdb_dir
+
+    a2g = AtomsToGraphs(r_energy=True, r_forces=True, r_fixed=True, r_edges=False, r_distances=False)
+    data = []
+    for i, atoms in enumerate(frames):
+        d = a2g.convert(atoms)
+        d.sid, d.fid = i, 0
+        data.append(d)
+    write_lmdb_dir(path, data)
+
+
 def fairchem_cli() -> str:
     """The `fairchem` console script of the interpreter running the tests."""
     exe = BIN / "fairchem"

@@ -14,11 +14,9 @@ from ase.calculators.emt import EMT
 from ase.constraints import FixAtoms
 from fairchem.core.common.utils import load_config
 from fairchem.core.datasets import LmdbDataset
-from fairchem.core.preprocessing import AtomsToGraphs
 
-from leignn_ocp.data import write_lmdb_dir
 
-from conftest import cli_env, fairchem_cli
+from conftest import cli_env, fairchem_cli, write_s2ef_lmdb
 
 pytestmark = pytest.mark.slow
 
@@ -41,21 +39,10 @@ def emt_frames(n: int, seed: int):
     return frames
 
 
-def write_lmdb(frames, path: Path):
-    """fairchem's own AtomsToGraphs conversion, written by the package's LMDB writer."""
-    a2g = AtomsToGraphs(r_energy=True, r_forces=True, r_fixed=True, r_edges=False, r_distances=False)
-    data = []
-    for i, atoms in enumerate(frames):
-        d = a2g.convert(atoms)
-        d.sid, d.fid = i, 0
-        data.append(d)
-    write_lmdb_dir(path, data)
-
-
 def test_train_then_predict_with_fairchem_cli(tmp_path):
-    write_lmdb(emt_frames(12, seed=0), tmp_path / "train")
-    write_lmdb(emt_frames(4, seed=1), tmp_path / "val")
-    write_lmdb(emt_frames(4, seed=2), tmp_path / "test")  # val and test must not share a folder
+    write_s2ef_lmdb(emt_frames(12, seed=0), tmp_path / "train")
+    write_s2ef_lmdb(emt_frames(4, seed=1), tmp_path / "val")
+    write_s2ef_lmdb(emt_frames(4, seed=2), tmp_path / "test")  # val and test must not share a folder
     assert len(LmdbDataset({"src": str(tmp_path / "train")})) == 12
 
     # the paper's OC20 recipe with its includes resolved by fairchem's own loader, shrunk below

@@ -301,17 +301,7 @@ def _plt():
 
 
 def plot_curves(r: np.ndarray, curves: dict[str, np.ndarray], path: Path, ylabel: str, title: str) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, y in curves.items():
-        ax.plot(r, y, label=label, lw=1.4)
-    ax.set_xlabel("r (Å)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plot_series(r, curves, None, path, "r (Å)", ylabel, title)
 
 
 def plot_series(t: np.ndarray, series: dict[str, np.ndarray], threshold: float | None, path: Path,

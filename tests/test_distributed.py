@@ -1,0 +1,344 @@
+"""Beyond one process: fairchem's ``--submit`` (submitit), 2-rank CPU DDP, preemption and resume.
+
+Real runs of the fairchem CLI on a tiny LMDB (16 EMT-labelled slabs, batch 4 -> 4 steps per epoch,
+10 epochs = 40 steps; a LEIGNN of width 16). ``python -m leignn_ocp.cluster`` is fairchem's own
+``main()`` with the plugin's Runner (leignn_ocp/cluster.py). Without ``sbatch`` submitit's
+AutoExecutor picks its local executor, so ``--submit`` runs the pickled job in a fresh process as a
+Slurm node would, including submitit's preemption signal handling and requeue.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from ase.build import add_adsorbate, fcc100, fcc111
+from ase.calculators.emt import EMT
+from ase.constraints import FixAtoms
+from fairchem.core.common.utils import create_grid, load_config
+
+from leignn_ocp.cluster import patch_fairchem
+
+from conftest import REPO, cli_env, fairchem_cli, write_s2ef_lmdb
+
+pytestmark = pytest.mark.slow
+
+N_TRAIN, BATCH, EPOCHS = 16, 4, 10
+STEPS = N_TRAIN // BATCH * EPOCHS  # 40 on one rank
+EVAL_EVERY, CKPT_EVERY = 10, 4
+PY = sys.executable
+LAUNCHER = [PY, "-m", "leignn_ocp.cluster"]  # the fairchem CLI + leignn_ocp/cluster.py fixes
+PROBE = "leignn_probe.ProbeLEIGNN"  # tests/leignn_probe.py: LEIGNN that signals itself at step k
+
+
+def _frames(n: int, seed: int):
+    """Rattled Cu / Pt slabs (2x2x3) with an O adatom, bottom layer fixed, labelled by ASE's EMT."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        slab = (fcc111 if k % 2 else fcc100)(["Cu", "Pt"][k % 3 == 0], size=(2, 2, 3), vacuum=5.0)
+        add_adsorbate(slab, "O", 1.6, "ontop")
+        slab.set_tags([2 if a.symbol == "O" else 1 for a in slab])
+        slab.set_constraint(FixAtoms(indices=[a.index for a in slab if a.position[2] < slab.positions[:, 2].min() + 0.5]))
+        slab.rattle(0.08, seed=int(rng.integers(1 << 30)))
+        slab.pbc = True
+        slab.calc = EMT()
+        slab.get_potential_energy()
+        out.append(slab)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A folder with train/val LMDBs and cfg.yml: configs/s2ef/default/leignn.yml shrunk to seconds."""
+    root = tmp_path_factory.mktemp("dist")
+    write_s2ef_lmdb(_frames(N_TRAIN, seed=0), root / "train")
+    write_s2ef_lmdb(_frames(4, seed=1), root / "val")
+    cfg, _, _ = load_config(str(REPO / "configs/s2ef/default/leignn.yml"))
+    norm = {"energy": {"mean": 0.0, "stdev": 1.0}, "forces": {"mean": 0.0, "stdev": 1.0}}
+    cfg["dataset"] = {
+        "train": {"format": "lmdb", "src": str(root / "train"), "transforms": {"normalizer": norm}},
+        "val": {"src": str(root / "val")},  # no test split: py-lmdb >= 1.5 opens a file once per process
+    }
+    cfg["model"].update(hidden_channels=16, num_layers=2, num_rbf=8)
+    # checkpoint every 4 steps (mid-epoch once DDP halves the epoch), validate (and step the
+    # ReduceLROnPlateau scheduler) every 10
+    cfg["optim"].update(batch_size=BATCH, eval_batch_size=BATCH, num_workers=0, max_epochs=EPOCHS,
+                        eval_every=EVAL_EVERY, checkpoint_every=CKPT_EVERY)
+    (root / "cfg.yml").write_text(yaml.safe_dump(cfg))
+    return root
+
+
+def _env(**extra) -> dict:
+    env = cli_env()
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), env["PYTHONPATH"]])
+    env.update(extra)
+    return env
+
+
+def _run(cmd: list[str], timeout: float = 400, cwd: Path = REPO, **env) -> str:
+    p = subprocess.run(cmd, capture_output=True, text=True, env=_env(**env), timeout=timeout, cwd=cwd)
+    log = p.stdout + p.stderr
+    assert p.returncode == 0, f"{cmd}\n{log[-6000:]}"
+    return log
+
+
+def _train_args(tiny: Path, run_dir: Path, ident: str) -> list[str]:
+    return ["--mode", "train", "--config-yml", str(tiny / "cfg.yml"), "--cpu", "--run-dir", str(run_dir),
+            "--identifier", ident, "--print-every", "1"]
+
+
+def _ckpts(run_dir: Path) -> list[Path]:
+    return sorted(run_dir.glob("checkpoints/*/checkpoint.pt"))
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _adam_updates(ckpt: dict) -> int:
+    """Optimizer updates actually applied (AdamW's per-parameter step counter)."""
+    return int(next(iter(ckpt["optimizer"]["state"].values()))["step"])
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    """max |a - b| over the model weights and the EMA shadow weights of two checkpoints."""
+    diffs = [(a["state_dict"][k].double() - b["state_dict"][k].double()).abs().max().item() for k in a["state_dict"]]
+    diffs += [(x.double() - y.double()).abs().max().item()
+              for x, y in zip(a["ema"]["shadow_params"], b["ema"]["shadow_params"])]
+    return max(diffs)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny) -> dict:
+    """An uninterrupted single-process run with the plain fairchem CLI: its final checkpoint."""
+    run_dir = tiny / "run_reference"
+    t0 = time.time()
+    log = _run([fairchem_cli(), *_train_args(tiny, run_dir, "reference")])
+    assert "Loaded LEIGNN with" in log
+    (ckpt,) = _ckpts(run_dir)
+    state = _load(ckpt)
+    print(f"\nreference: {ckpt} step {state['step']} ({time.time() - t0:.1f} s)")
+    assert state["step"] == STEPS and _adam_updates(state) == STEPS
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# submitit: fairchem --submit with the local executor
+
+
+def _require_local_executor() -> None:
+    if shutil.which("srun") or shutil.which("sbatch"):
+        pytest.skip("Slurm is installed here: --submit would queue a real job")
+
+
+def _submitted_job(log: str, logdir: Path) -> tuple[str, Path]:
+    m = re.search(r"Submitted jobs: (\S+)", log)
+    assert m, log[-3000:]
+    job_id = m.group(1).split(",")[0]
+    return job_id, logdir / job_id
+
+
+def _wait_result(job_dir: Path, job_id: str, timeout: float = 400) -> tuple[str, object]:
+    """Block until the submitit job pickles its result (it runs in a detached controller process)."""
+    result = job_dir / f"{job_id}_0_result.pkl"
+    t0 = time.time()
+    while not result.exists():
+        assert time.time() - t0 < timeout, f"no result after {timeout} s:\n{_job_log(job_dir, job_id)[-4000:]}"
+        time.sleep(0.5)
+    time.sleep(0.2)
+    with result.open("rb") as f:
+        return pickle.load(f)
+
+
+def _job_log(job_dir: Path, job_id: str) -> str:
+    return "".join(p.read_text(errors="replace") for p in sorted(job_dir.glob(f"{job_id}_0_log.*")))
+
+
+def _submit_args(tiny: Path, run_dir: Path, logdir: Path, ident: str) -> list[str]:
+    # fairchem's Slurm flags; the local executor reads the time limit, GPUs and tasks per node
+    return [*_train_args(tiny, run_dir, ident), "--submit", "--logdir", str(logdir),
+            "--slurm-partition", "debug", "--num-nodes", "1", "--num-gpus", "1",
+            "--slurm-timeout", "1", "--slurm-mem", "4"]
+
+
+def test_fairchem_submit_runs_the_plugin_job(tiny, reference):
+    """fairchem's --submit path (its main(): AutoExecutor, map_array, experiment log) with the plugin's
+    Runner: the pickled job is unpickled in a fresh process, imports leignn_ocp and trains.
+
+    (Plain `fairchem --submit` gets this far too, then fairchem 1.10 stops without Slurm variables:
+    KeyError 'local_rank'; leignn_ocp.cluster.Runner takes the ranks from submitit instead.)"""
+    _require_local_executor()
+    run_dir, logdir = tiny / "run_submit", tiny / "slurm_logs"
+    t0 = time.time()
+    # no PYTHONPATH, outside the repo: the job imports leignn_ocp from the venv's (editable) install
+    log = _run([*LAUNCHER, *_submit_args(tiny, run_dir, logdir, "submit")], cwd=tiny, PYTHONPATH="")
+    assert "Submitting 1 jobs" in log
+    job_id, job_dir = _submitted_job(log, logdir)
+    assert (job_dir / f"{job_id}_submitted.pkl").exists()
+    status, value = _wait_result(job_dir, job_id)
+    job_log = _job_log(job_dir, job_id)
+    assert status == "success", job_log[-4000:]
+    assert "Loaded LEIGNN with" in job_log  # model built on the "node" from its import path
+    (ckpt,) = _ckpts(run_dir)
+    state = _load(ckpt)
+    print(f"\nsubmit: job {job_id} -> {ckpt} step {state['step']} ({time.time() - t0:.1f} s)")
+    assert state["step"] == STEPS and _adam_updates(state) == STEPS
+    assert state["config"]["model"]["name"] == "leignn_ocp.LEIGNN"
+    assert "submitit job" in job_log and "rank 0/1" in job_log
+    assert _max_diff(state, reference) == 0.0  # same seed, same data order, same machine
+    assert list((logdir / "exp").glob("*.log"))  # fairchem's experiment log
+
+
+def test_submitit_preemption_requeues_and_finishes(tiny, reference):
+    """SIGUSR2 (Slurm's preemption / time-out signal) in the middle of step 7: the job checkpoints
+    step 7 at the step boundary, submitit requeues it, the new process resumes and finishes."""
+    _require_local_executor()
+    run_dir, logdir = tiny / "run_preempt", tiny / "slurm_logs_preempt"
+    marker = tiny / "preempt.marker"
+    t0 = time.time()
+    log = _run([*LAUNCHER, *_submit_args(tiny, run_dir, logdir, "preempt"), f"--model.name={PROBE}"],
+               LEIGNN_PROBE_SIGNAL=f"SIGUSR2:7:{marker}")
+    job_id, job_dir = _submitted_job(log, logdir)
+    status, value = _wait_result(job_dir, job_id)
+    job_log = _job_log(job_dir, job_id)
+    assert status == "success", job_log[-4000:]
+    assert marker.exists()
+    assert "Caught SIGUSR2 at step 7" in job_log
+    assert "Preemption: checkpointing at step 7 (step boundary)" in job_log
+    assert "Requeued job" in job_log and job_log.count("Loaded ProbeLEIGNN with") == 2  # ran twice
+    (ckpt,) = _ckpts(run_dir)  # the requeued job continued in the same checkpoint folder
+    state = _load(ckpt)
+    diff = _max_diff(state, reference)
+    print(f"\npreempt: SIGUSR2 in step 7 -> checkpoint at step 7, requeued, final step {state['step']}, "
+          f"{_adam_updates(state)} optimizer updates, max |w - w_ref| = {diff:.3e} ({time.time() - t0:.1f} s)")
+    assert state["step"] == STEPS and _adam_updates(state) == STEPS  # no batch skipped or repeated
+    assert diff == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# multi-process data parallel through fairchem's own launcher (torch elastic, gloo on CPU)
+
+
+def test_two_rank_cpu_ddp(tiny):
+    """`--cpu --num-gpus 2`: fairchem's main() starts 2 ranks with torch elastic, gloo backend; each
+    rank keeps one DataLoader worker (fairchem 1.10 alone would force num_workers to 0)."""
+    run_dir = tiny / "run_ddp"
+    t0 = time.time()
+    log = _run([*LAUNCHER, *_train_args(tiny, run_dir, "ddp"), "--num-gpus", "2", "--optim.num_workers=1"])
+    assert "Running in local mode with 2 ranks" in log
+    assert "keeping optim.num_workers=1 per rank" in log
+    assert "rank: 1: Sampler created" in log  # the second rank built its own sampler shard
+    m = re.search(r"DDP replica check: 2 ranks, (\d+) parameters, max \|param - rank-0 param\| = (\S+)", log)
+    assert m, log[-4000:]
+    (ckpt,) = _ckpts(run_dir)
+    state = _load(ckpt)
+    print(f"\nddp: {ckpt} step {state['step']}, replica max diff {m.group(2)} ({time.time() - t0:.1f} s)")
+    assert float(m.group(2)) == 0.0  # DDP kept every rank's weights identical
+    steps = N_TRAIN // (2 * BATCH) * EPOCHS  # each rank sees half of every epoch
+    assert state["step"] == steps and _adam_updates(state) == steps
+    assert state["config"]["optim"]["num_workers"] == 1
+
+    # the same through the plain `fairchem` console script (fairchem forces num_workers=0 there)
+    plain_dir = tiny / "run_ddp_plain"
+    log = _run([fairchem_cli(), *_train_args(tiny, plain_dir, "ddp-plain"), "--num-gpus", "2"])
+    assert "Running in local mode with 2 ranks" in log
+    (plain_ckpt,) = _ckpts(plain_dir)
+    plain = _load(plain_ckpt)
+    diff = _max_diff(plain, state)
+    print(f"plain fairchem ddp: step {plain['step']}, max |w - w_launcher| = {diff:.3e}")
+    assert plain["step"] == steps and diff == 0.0
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values())
+
+
+# ---------------------------------------------------------------------------------------------
+# kill -9 mid-training, resume with --checkpoint
+
+
+def test_kill_and_resume_matches_uninterrupted_run(tiny, reference):
+    """Plain fairchem CLI: SIGKILL in the middle of step 10 (last checkpoint: step 8, mid-epoch 3),
+    then `--checkpoint .../checkpoint.pt --timestamp-id <same>` runs to the end."""
+    run_dir = tiny / "run_killed"
+    marker = tiny / "kill.marker"
+    t0 = time.time()
+    args = [*_train_args(tiny, run_dir, "killed"), f"--model.name={PROBE}"]
+    p = subprocess.run([fairchem_cli(), *args], capture_output=True, text=True, cwd=REPO, timeout=400,
+                       env=_env(LEIGNN_PROBE_SIGNAL=f"SIGKILL:10:{marker}"))
+    assert p.returncode == -signal.SIGKILL and marker.exists(), (p.stdout + p.stderr)[-4000:]
+    (ckpt,) = _ckpts(run_dir)
+    killed = _load(ckpt)
+    assert killed["step"] == 8 and _adam_updates(killed) == 8  # checkpoint_every = 4
+
+    timestamp_id = ckpt.parent.name  # continue in the same folder (and tensorboard run)
+    log = _run([fairchem_cli(), *args, "--checkpoint", str(ckpt), "--timestamp-id", timestamp_id])
+    assert f"Loading checkpoint from: {ckpt}" in log
+    (final,) = _ckpts(run_dir)
+    state = _load(final)
+    diff = _max_diff(state, reference)
+    print(f"\nkill -9 in step 10, resumed from step {killed['step']} ({ckpt}) with plain fairchem "
+          f"--checkpoint: final step {state['step']}, {_adam_updates(state)} optimizer updates, "
+          f"max |w - w_ref| = {diff:.3e} ({time.time() - t0:.1f} s)")
+    assert state["step"] == STEPS and _adam_updates(state) == STEPS
+    assert diff == 0.0  # fairchem's sampler re-derives the epoch's order and skips the done batches
+
+
+# ---------------------------------------------------------------------------------------------
+# the ablation sweep file
+
+
+def test_ablation_sweep_grid(tiny):
+    base, _, _ = load_config(str(REPO / "configs/s2ef/200k/leignn.yml"))
+    base["identifier"] = "ablation"
+    sweep = REPO / "configs/sweeps/ablations.yml"
+    # fairchem 1.10 as installed: create_grid needs collections.MutableMapping (gone in Python 3.10)
+    probe = subprocess.run(
+        [PY, "-c", "import sys; from fairchem.core.common.utils import create_grid; "
+                   f"create_grid({{'model': {{}}, 'identifier': 'x'}}, {str(sweep)!r})"],
+        capture_output=True, text=True, env=_env(), timeout=120)
+    if sys.version_info >= (3, 10):
+        assert probe.returncode != 0 and "MutableMapping" in probe.stderr
+    patch_fairchem()
+    configs = create_grid(base, str(sweep))
+    got = [(c["identifier"], c["model"]["update"], c["model"]["global_messages"]) for c in configs]
+    assert got == [("ablation_run0", "nmu", False),   # Vanilla + NMU
+                   ("ablation_run1", "nmu", True),    # LEIGNN
+                   ("ablation_run2", "painn", False),  # Vanilla
+                   ("ablation_run3", "painn", True)]  # not a paper variant (documented in the file)
+    for c in configs:  # nothing else changes
+        assert {k: v for k, v in c["model"].items() if k not in ("update", "global_messages")} == \
+            {k: v for k, v in base["model"].items() if k not in ("update", "global_messages")}
+
+
+def test_run_timestamps_have_second_resolution():
+    """fairchem 1.10 rounds run timestamps (checkpoint folder names) to 128 s via float32."""
+    from datetime import datetime
+
+    from fairchem.core.trainers.base_trainer import BaseTrainer
+
+    patch_fairchem()
+    stamp = BaseTrainer._get_timestamp(torch.device("cpu"), "x")
+    assert stamp.endswith("-x")
+    t = datetime.strptime(stamp[:-2], "%Y-%m-%d-%H-%M-%S")
+    assert abs((datetime.now() - t).total_seconds()) < 3
+
+
+def test_preemption_before_training_requeues_the_job_unchanged():
+    """A signal while the trainer is still being built: fairchem's checkpoint() would raise
+    (no trainer yet); the plugin's Runner requeues the same config with a fresh Runner."""
+    from leignn_ocp.cluster import Runner
+
+    config = {"mode": "train", "checkpoint": None, "identifier": "x"}
+    delayed = Runner().checkpoint(config)
+    assert isinstance(delayed.function, Runner) and delayed.args == (config,)
