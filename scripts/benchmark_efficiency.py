@@ -11,7 +11,13 @@ direct-force models; energy-gradient models need autograd), peak memory, through
 atoms/s, and time ratios to LEIGNN. Also the achieved FLOP rate of LEIGNN's training step
 as a fraction of a dense float32 matmul timed in the same round-robin.
 
-    python scripts/benchmark_efficiency.py                      # CPU, defaults (~3-5 min on 2 cores)
+CPU defaults: 1 thread (on a shared machine a second OpenMP thread that loses its core makes
+every parallel region wait; single-threaded timings are stable; --threads 0 = torch's default),
+glibc malloc tuned so that no model page-faults its tensors anew at every step (see
+leignn_ocp.bench.tune_malloc; --no-malloc-tuning to compare), fused AdamW for every model.
+Medians of wall-clock time, and of process CPU time as a second table (robust to other load).
+
+    python scripts/benchmark_efficiency.py                      # CPU, defaults (~5 min)
     python scripts/benchmark_efficiency.py --device cuda --batch-size 32 --repeats 20
     python scripts/benchmark_efficiency.py --tiny --out /tmp/x  # seconds; what the tests run
 
@@ -44,6 +50,7 @@ COLUMNS = [
     "model", "label", "params", "edges", "gflop_fwd", "gflop_train",
     "train_ms", "infer_ms", "train_atoms_per_s", "infer_atoms_per_s",
     "peak_mem_train_mb", "peak_mem_infer_mb", "train_x_leignn", "infer_x_leignn",
+    "train_cpu_ms", "infer_cpu_ms", "train_cpu_x_leignn", "infer_cpu_x_leignn",
 ]
 
 
@@ -52,13 +59,18 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--models", default=",".join(bench.MODELS), help="comma-separated subset of: " + ",".join(bench.MODELS))
     p.add_argument("--batch-size", type=int, default=None, help="structures per batch (default: 2 on CPU, 32 on CUDA)")
-    p.add_argument("--repeats", type=int, default=None, help="timed round-robin repeats (default: 5 CPU, 20 CUDA)")
+    p.add_argument("--repeats", type=int, default=None, help="timed round-robin repeats (default: 7 CPU, 20 CUDA)")
     p.add_argument("--warmup", type=int, default=None, help="untimed round-robin repeats first (default: 1 CPU, 5 CUDA)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: 1 on CPU, see the docstring; 0 = torch's default)")
+    p.add_argument("--no-malloc-tuning", action="store_true",
+                   help="CPU: keep glibc's default allocator settings (see leignn_ocp.bench.tune_malloc)")
     p.add_argument("--matmul-n", type=int, default=None, help="size of the reference matmul (default 2048; 8192 on CUDA)")
     p.add_argument("--compile", action="store_true", help="also time LEIGNN inference under torch.compile")
     p.add_argument("--amp", action="store_true",
-                   help="also run LEIGNN under bf16 autocast (train + infer) and report its error vs float32")
+                   help="also run LEIGNN under autocast (train + infer) and report its error vs float32")
+    p.add_argument("--amp-dtype", default="bfloat16", choices=["bfloat16", "float16"],
+                   help="autocast dtype for --amp (float16 trains with a GradScaler)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="tiny models and structures (for tests; numbers meaningless)")
@@ -66,7 +78,9 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     cuda = a.device.startswith("cuda")
     a.batch_size = a.batch_size or (1 if a.tiny else (32 if cuda else 2))
-    a.repeats = a.repeats or (1 if a.tiny else (20 if cuda else 5))
+    a.repeats = a.repeats or (1 if a.tiny else (20 if cuda else 7))
+    if a.threads is None:
+        a.threads = 0 if cuda else 1
     a.warmup = a.warmup if a.warmup is not None else (0 if a.tiny else (5 if cuda else 1))
     a.matmul_n = a.matmul_n or (128 if a.tiny else (8192 if cuda else 2048))
     a.models = [m.strip() for m in a.models.split(",") if m.strip()]
@@ -107,8 +121,9 @@ def write_outputs(args, rows, meta, raw) -> None:
         f"`{meta['command']}`",
         "",
         f"Batch: {meta['batch_structures']} OC20-like slab+adsorbate structures, {meta['batch_atoms']} atoms "
-        f"(periodic, otf graphs). torch {meta['torch']}, {meta['threads']} threads. "
-        f"Medians of {args.repeats} round-robin repeats after {args.warmup} warm-up.",
+        f"(periodic, otf graphs). torch {meta['torch']}, {meta['threads']} thread(s)"
+        + (", glibc malloc tuned (no mmap, no trim)" if meta.get("malloc_tuned") else "")
+        + f". Medians of {args.repeats} round-robin repeats after {args.warmup} warm-up; wall-clock time.",
         "",
         "| model | params | edges | GFLOP fwd | GFLOP train | train ms | infer ms | train atoms/s | "
         "infer atoms/s | peak MB train | peak MB infer | train × LEIGNN | infer × LEIGNN |",
@@ -121,17 +136,32 @@ def write_outputs(args, rows, meta, raw) -> None:
             f"{fmt(r['train_atoms_per_s'], 0)} | {fmt(r['infer_atoms_per_s'], 0)} | "
             f"{fmt(r['peak_mem_train_mb'])} | {fmt(r['peak_mem_infer_mb'])} | "
             f"{fmt(r['train_x_leignn'], 2)} | {fmt(r['infer_x_leignn'], 2)} |")
+    if meta["device"].startswith("cpu"):
+        lines += [
+            "",
+            "Same run, medians of process CPU time (robust to other processes on a shared machine):",
+            "",
+            "| model | train ms (CPU) | infer ms (CPU) | train × LEIGNN | infer × LEIGNN |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            lines.append(f"| {r['label']} | {fmt(r['train_cpu_ms'])} | {fmt(r['infer_cpu_ms'])} | "
+                         f"{fmt(r['train_cpu_x_leignn'], 2)} | {fmt(r['infer_cpu_x_leignn'], 2)} |")
     lines += [
         "",
         "× LEIGNN = model time / LEIGNN time (above 1: LEIGNN is that many times faster).",
         "Train step = forward + loss (energy + free-atom forces, each model's own loss functions and",
         "coefficients; autograd forces with create_graph for energy-gradient models) + backward +",
-        "gradient clipping + AdamW step. Inference under torch.no_grad except for energy-gradient",
+        f"gradient clipping + {meta.get('optimizer', 'AdamW')} step (the recipes' amsgrad, lr, clip; the fused",
+        "kernel is the same update as the default loop, in one pass). Inference under torch.no_grad except for energy-gradient",
         "models (SchNet, DimeNet++, PaiNN), which need autograd for forces. Graph construction",
         "(fairchem's radius_graph_pbc) is part of every forward.",
         "FLOPs: torch.utils.flop_counter.FlopCounterMode (matmul/bmm/conv only: elementwise ops,",
         "gathers and scatters are not counted); 'fwd' includes the force gradient where forces are",
-        "-dE/dx, 'train' is forward + backward of one training step.",
+        "-dE/dx, 'train' is forward + backward of one training step. They are the FLOPs each",
+        "implementation executes: LEIGNN's CPU path multiplies each chunk of edges only with the",
+        "radial-basis columns that are not negligible for it (model.py, RadialFilter), so its",
+        "W(rbf) products are about a fifth of the dense ones; baselines run fairchem's code as is.",
         f"Peak memory: {meta['memory_method']}",
         "",
         f"Dense float32 matmul ({args.matmul_n}×{args.matmul_n}), median over the same round-robin: "
@@ -139,6 +169,10 @@ def write_outputs(args, rows, meta, raw) -> None:
         f"LEIGNN training step: {meta['leignn_train_gflop']:.2f} GFLOP in {meta['leignn_train_ms']:.1f} ms = "
         f"**{meta['leignn_train_gflops']:.1f} GFLOP/s = {100 * meta['leignn_matmul_fraction']:.1f} % of the matmul rate**.",
     ]
+    if meta["device"].startswith("cpu"):
+        lines.append(
+            f"By process CPU time: {meta['leignn_train_gflops_cpu_time']:.1f} GFLOP/s vs. "
+            f"{meta['matmul_gflops_cpu_time']:.1f} GFLOP/s = {100 * meta['leignn_matmul_fraction_cpu_time']:.1f} %.")
     for note in meta.get("notes", []):
         lines += ["", note]
     (args.out / "benchmark.md").write_text("\n".join(lines) + "\n")
@@ -149,6 +183,7 @@ def plot(args, rows, meta) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (matplotlib.ticker below)
 
     main = [r for r in rows if r["model"] in bench.MODELS]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1.5, 1]})
@@ -175,8 +210,15 @@ def plot(args, rows, meta) -> None:
             continue
         ax2.scatter(r["train_ms"], mae, s=40 + 3 * r["params"] / 1e5,
                     color="#c0392b" if r["model"] == "leignn" else "#555555", alpha=0.8)
-        ax2.annotate(r["label"], (r["train_ms"], mae), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        # Vanilla and Vanilla+NMU share one MAE and about one cost: labels above / below
+        dx, dy, ha = {"vanilla": (-6, -12, "right"), "vanilla_nmu": (6, 6, "left"),
+                      "leignn": (10, -4, "left")}.get(r["model"], (5, 4, "left"))
+        ax2.annotate(r["label"], (r["train_ms"], mae), textcoords="offset points", xytext=(dx, dy),
+                     ha=ha, fontsize=8)
     ax2.set_xscale("log")
+    ax2.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax2.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+    ax2.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax2.set_xlabel("training step (ms, log; this run)")
     ax2.set_ylabel("OC20-200K ID force MAE (meV/Å, published)")
     ax2.set_title("cost vs. accuracy (marker size ~ parameters)")
@@ -192,6 +234,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    malloc_tuned = device.type == "cpu" and not args.no_malloc_tuning and bench.tune_malloc()
     torch.manual_seed(args.seed)
 
     atoms = bench.oc20_like_structures(args.batch_size, seed=args.seed, tiny=args.tiny)
@@ -215,16 +258,20 @@ def main(argv=None) -> int:
     notes = []
     if args.amp:
         spec = bench.model_spec("leignn", tiny=args.tiny)
-        r = bench.Runner(spec, runners["leignn"].model, batch, device, amp=True)
+        amp_dtype = getattr(torch, args.amp_dtype)
+        r = bench.Runner(spec, runners["leignn"].model, batch, device, amp=True, amp_dtype=amp_dtype)
         ref = runners["leignn"].infer()
         out = r.infer()
-        de = (out["energy"].float() - ref["energy"]).abs().max().item()
-        df = (out["forces"].float() - ref["forces"]).abs().max().item()
-        fs = ref["forces"].abs().max().item()
-        notes.append(f"bf16 autocast vs float32, same weights: max |ΔE| = {de:.3g} (|E| max "
-                     f"{ref['energy'].abs().max().item():.3g}), max |ΔF| = {df:.3g} (|F| max {fs:.3g}).")
-        extra["leignn_bf16"] = r
-        rows["leignn_bf16"] = {**rows["leignn"], "model": "leignn_bf16", "label": "LEIGNN (bf16 autocast)"}
+        de = (out["energy"].float() - ref["energy"]).abs()
+        df = (out["forces"].float() - ref["forces"]).abs()
+        short = "bf16" if amp_dtype == torch.bfloat16 else "fp16"
+        notes.append(
+            f"{short} autocast vs float32, same (untrained) weights: |ΔE| max {de.max().item():.3g} "
+            f"(|E| max {ref['energy'].abs().max().item():.3g}); |ΔF| mean {df.mean().item():.3g}, max "
+            f"{df.max().item():.3g} (|F| mean {ref['forces'].abs().mean().item():.3g}, max "
+            f"{ref['forces'].abs().max().item():.3g}). Readout heads and all sums run in float32.")
+        extra[f"leignn_{short}"] = r
+        rows[f"leignn_{short}"] = {**rows["leignn"], "model": f"leignn_{short}", "label": f"LEIGNN ({short} autocast)"}
     if args.compile:
         spec = bench.model_spec("leignn", tiny=args.tiny)
         r = bench.Runner(spec, runners["leignn"].model, batch, device)
@@ -245,16 +292,16 @@ def main(argv=None) -> int:
         rows[name]["gflop_train"] = r.flops_train() / 1e9
     for name in extra:
         rows[name]["gflop_fwd"] = rows["leignn"]["gflop_fwd"]
-        rows[name]["gflop_train"] = rows["leignn"]["gflop_train"] if name == "leignn_bf16" else None
+        rows[name]["gflop_train"] = None if name == "leignn_compiled" else rows["leignn"]["gflop_train"]
     log("FLOPs counted")
 
-    # ---- timing: round-robin, the order rotated every repeat
+    # ---- timing: round-robin, the order rotated every repeat; wall-clock and process CPU time
     probe = bench.MatmulProbe(args.matmul_n, device)
-    t_train = {k: [] for k in list(runners) + list(extra)}
-    t_infer = {k: [] for k in list(runners) + list(extra)}
-    t_mm = []
     all_names = list(runners) + list(extra)
     get = {**runners, **extra}
+    t_train = {k: [] for k in all_names}  # [(wall s, cpu s)]
+    t_infer = {k: [] for k in all_names}
+    t_mm = []
     for rep in range(args.warmup + args.repeats):
         record = rep >= args.warmup
         k = rep % len(all_names)
@@ -274,9 +321,8 @@ def main(argv=None) -> int:
         dt = bench.timed(probe, device)
         if record:
             t_mm.append(dt)
-        if record:
             log(f"repeat {rep + 1 - args.warmup}/{args.repeats} (train/infer ms): " + ", ".join(
-                f"{n} {1e3 * t_train[n][-1] if t_train[n] else float('nan'):.0f}/{1e3 * t_infer[n][-1]:.0f}"
+                f"{n} {1e3 * t_train[n][-1][0] if t_train[n] else float('nan'):.0f}/{1e3 * t_infer[n][-1][0]:.0f}"
                 for n in all_names))
         else:
             log(f"warm-up {rep + 1}/{args.warmup} done")
@@ -304,20 +350,26 @@ def main(argv=None) -> int:
     if not args.no_memory:
         log("memory probed")
 
-    lt = bench.median(t_train["leignn"])
-    li = bench.median(t_infer["leignn"])
+    def med(ts, i):  # median of wall (i=0) or CPU (i=1) seconds
+        return bench.median([t[i] for t in ts]) if ts else math.nan
+
+    lt, li = med(t_train["leignn"], 0), med(t_infer["leignn"], 0)
+    lt_cpu, li_cpu = med(t_train["leignn"], 1), med(t_infer["leignn"], 1)
     for name in all_names:
-        tr = bench.median(t_train[name]) if t_train[name] else math.nan
-        ti = bench.median(t_infer[name])
+        tr, ti = med(t_train[name], 0), med(t_infer[name], 0)
+        tr_cpu, ti_cpu = med(t_train[name], 1), med(t_infer[name], 1)
         rows[name].update({
             "train_ms": 1e3 * tr, "infer_ms": 1e3 * ti,
-            "train_atoms_per_s": n_atoms / tr if tr == tr else math.nan,
-            "infer_atoms_per_s": n_atoms / ti,
-            "train_x_leignn": tr / lt if tr == tr else math.nan, "infer_x_leignn": ti / li,
+            "train_atoms_per_s": n_atoms / tr, "infer_atoms_per_s": n_atoms / ti,
+            "train_x_leignn": tr / lt, "infer_x_leignn": ti / li,
+            "train_cpu_ms": 1e3 * tr_cpu, "infer_cpu_ms": 1e3 * ti_cpu,
+            "train_cpu_x_leignn": tr_cpu / lt_cpu, "infer_cpu_x_leignn": ti_cpu / li_cpu,
         })
 
-    mm = probe.rate(bench.median(t_mm))
+    mm = probe.rate(med(t_mm, 0))
     leignn_rate = rows["leignn"]["gflop_train"] * 1e9 / lt
+    mm_cpu = probe.rate(med(t_mm, 1))  # the same ratio from process CPU time (CPU device)
+    leignn_rate_cpu = rows["leignn"]["gflop_train"] * 1e9 / lt_cpu
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     if device.type == "cpu":
         try:
@@ -325,21 +377,24 @@ def main(argv=None) -> int:
                 dev_name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
         except (OSError, StopIteration):
             pass
-        dev_name = f"CPU: {dev_name}, {torch.get_num_threads()} threads"
+        dev_name = f"CPU: {dev_name}, {torch.get_num_threads()} thread(s)"
     meta = {
         "command": "python " + " ".join([os.path.relpath(__file__, REPO)] + (sys.argv[1:] if argv is None else list(argv))),
         "device": str(device), "device_name": dev_name,
-        "device_short": "GPU" if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)",
+        "device_short": "GPU" if device.type == "cuda" else f"CPU ({torch.get_num_threads()} thread(s))",
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "batch_structures": len(atoms), "batch_atoms": n_atoms,
         "repeats": args.repeats, "warmup": args.warmup, "tiny": args.tiny,
         "matmul_n": args.matmul_n, "matmul_gflops": mm / 1e9,
         "leignn_train_gflop": rows["leignn"]["gflop_train"], "leignn_train_ms": 1e3 * lt,
         "leignn_train_gflops": leignn_rate / 1e9, "leignn_matmul_fraction": leignn_rate / mm,
-        "memory_method": mem_method, "notes": notes,
+        "matmul_gflops_cpu_time": mm_cpu / 1e9, "leignn_train_gflops_cpu_time": leignn_rate_cpu / 1e9,
+        "leignn_matmul_fraction_cpu_time": leignn_rate_cpu / mm_cpu,
+        "memory_method": mem_method, "notes": notes, "malloc_tuned": malloc_tuned,
+        "optimizer": runners["leignn"].optimizer_name,
         "time_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
     }
-    raw = {"train_s": t_train, "infer_s": t_infer, "matmul_s": t_mm}
+    raw = {"train_wall_cpu_s": t_train, "infer_wall_cpu_s": t_infer, "matmul_wall_cpu_s": t_mm}
     ordered = [rows[n] for n in all_names]
     write_outputs(args, ordered, meta, raw)
     print((args.out / "benchmark.md").read_text())
