@@ -8,10 +8,16 @@ Sub-commands (``python scripts/evaluate.py <cmd> -h`` for the options):
   table    several checkpoints / run directories -> Table 1 as Markdown, CSV and a grouped bar PNG
              python scripts/evaluate.py table --run LEIGNN=<ckpt|dir> --run PaiNN=<ckpt|dir> ... --out results/table1
   lineup   train every config of a folder with the fairchem CLI for one shared budget, then `table`
-             python scripts/evaluate.py lineup --config-dir configs/s2ef/default --epochs 4 --out results/default
+             python scripts/evaluate.py lineup --config-dir configs/s2ef/default --epochs 3 \\
+                 --train-size 400 --eval-size 64 --out results/default_lineup     # CPU, embedded data
+             python scripts/evaluate.py lineup --config-dir configs/s2ef/200k --which best \\
+                 --data-root data/s2ef/all --gpu --out results/oc20_200k           # the paper's Table 1
   predict  fairchem's predict mode (trainer.predict, what `fairchem --mode predict` runs) on the four
            test splits + the S2EF submission file in the format of fairchem's make_submission_file
              python scripts/evaluate.py predict <ckpt> --data-root data/s2ef/all --split-prefix test_ --out sub/
+  fit-scales  fit PaiNN / GemNet ScaleFactors on a config's training data -> --model.scale_file=<json>
+             python scripts/evaluate.py fit-scales --out gemnet_dt.json --mode train \\
+                 --config-yml configs/s2ef/200k/gemnet_dt.yml
   score    the local scorer: a submission .npz against labelled LMDBs, with fairchem's Evaluator
              python scripts/evaluate.py score sub/submission.npz --data-root data/default/s2ef
 
@@ -27,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import functools
 import json
 import logging
 import os
@@ -131,12 +138,16 @@ def find_checkpoint(path: str | Path, which: str = "final") -> Path:
 def load_trainer(checkpoint: str | Path, cpu: bool = True, run_dir: str | Path | None = None):
     """fairchem OCPTrainer rebuilt from a checkpoint's own config, weights + EMA + normalizers loaded.
 
-    No training data is needed: the train split is dropped (normalizers come from the checkpoint).
+    Built as fairchem's OCPCalculator builds it (inference_only: no datasets, loss or optimizer; the
+    normalizers come from the checkpoint). A checkpoint.pt stores the raw weights and their EMA; the
+    EMA is restored here so evaluation sees the weights fairchem's own validation sees.
     With run_dir=None the trainer is in debug mode (writes nothing); predict() needs a run_dir.
     """
     import torch
     from fairchem.core.common.registry import registry
     from fairchem.core.common.utils import setup_imports, update_config
+    from fairchem.core.datasets import data_list_collater
+    from fairchem.core.modules.exponential_moving_average import ExponentialMovingAverage
 
     import leignn_ocp  # noqa: F401  (registers the model)
 
@@ -148,7 +159,6 @@ def load_trainer(checkpoint: str | Path, cpu: bool = True, run_dir: str | Path |
     train = dict(config.get("dataset") or {})
     data_cfg = {k: v for k, v in train.items() if k in ("format", "key_mapping", "a2g_args")}
     data_cfg.setdefault("format", "lmdb")
-    logger = config.get("logger", "tensorboard")
     trainer = registry.get_trainer_class(config.get("trainer", "ocp"))(
         task=config.get("task", {}),
         model=model,
@@ -158,15 +168,22 @@ def load_trainer(checkpoint: str | Path, cpu: bool = True, run_dir: str | Path |
         loss_functions=config["loss_functions"],
         evaluation_metrics=config.get("evaluation_metrics", {}),
         identifier="evaluate",
+        local_rank=0,
         timestamp_id="evaluate",
         run_dir=str(run_dir) if run_dir is not None else None,
         is_debug=run_dir is None,
-        logger=logger,
+        logger=config.get("logger", "tensorboard"),
         cpu=cpu,
         amp=False,
         print_every=10**9,
         seed=config.get("cmd", {}).get("seed", 0) or 0,
+        inference_only=True,
     )
+    # set by load_datasets, which inference_only skips
+    trainer.collater = functools.partial(data_list_collater, otf_graph=trainer.config["model"].get("otf_graph", False))
+    if ckpt.get("ema") is not None:
+        decay = config["optim"].get("ema_decay") or 0.999  # load_state_dict restores the decay
+        trainer.ema = ExponentialMovingAverage(trainer.model.parameters(), decay)
     trainer.load_checkpoint(str(checkpoint), checkpoint=ckpt, inference_only=True)
     return trainer
 
@@ -209,7 +226,18 @@ def evaluate_split(trainer, src: str | Path, batch_size: int | None = None) -> d
     finally:
         if trainer.ema is not None:
             trainer.ema.restore()
+        _close(loader)
     return _table_metrics(metrics)
+
+
+def _close(loader) -> None:
+    """Close a loader's LMDB environments now: py-lmdb refuses to open one folder twice in a process."""
+    ds, seen = getattr(loader, "dataset", None), 0
+    while ds is not None and seen < 8:
+        for env in [getattr(ds, "env", None), *(getattr(ds, "envs", None) or [])]:
+            if env is not None:
+                env.close()
+        ds, seen = getattr(ds, "dataset", None), seen + 1
 
 
 def _direct(trainer) -> bool:
@@ -285,6 +313,8 @@ def read_csv(path: Path) -> dict:
 
 
 def bar_chart(results: dict, path: Path, title: str = "") -> None:
+    """Grouped bars: energy MAE and force MAE per split, one bar per model (log axis when the
+    values span more than 30x, as an untrained or diverged model would otherwise flatten the rest)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -292,21 +322,28 @@ def bar_chart(results: dict, path: Path, title: str = "") -> None:
 
     titles = [t for _, _, t in SPLITS]
     models = list(results)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     width = 0.8 / max(len(models), 1)
     x = np.arange(len(titles))
     for ax, key, ylabel in ((axes[0], "energy_mae_meV", "energy MAE (meV)"),
                             (axes[1], "forces_mae_meV_per_A", "force MAE (meV/Å)")):
+        allv = []
         for i, m in enumerate(models):
             vals = [results[m].get(t, {}).get(key, np.nan) for t in titles]
-            ax.bar(x + (i - (len(models) - 1) / 2) * width, vals, width, label=m)
+            allv += [v for v in vals if np.isfinite(v) and v > 0]
+            ax.bar(x + (i - (len(models) - 1) / 2) * width, vals, width, label=m, color=f"C{i % 10}")
+        if allv and max(allv) / min(allv) > 30:
+            ax.set_yscale("log")
+            ylabel += ", log scale"
         ax.set_xticks(x, titles)
         ax.set_ylabel(ylabel)
-        ax.grid(axis="y", alpha=0.3)
-    axes[1].legend(fontsize=8, ncol=2)
+        ax.grid(axis="y", alpha=0.3, which="both")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(models), 4), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    rows = (len(models) + 3) // 4
+    fig.tight_layout(rect=(0, 0.05 * rows + 0.02, 1, 1))
     fig.savefig(path, dpi=130)
     plt.close(fig)
 
@@ -330,7 +367,10 @@ def predict_splits(checkpoint, data_root, out: Path, prefix: str = "test_", cpu:
     files = {}
     for key, suffix, title in SPLITS:
         loader = _loader(trainer, Path(data_root) / f"{prefix}{suffix}", batch_size)
-        trainer.predict(loader, results_file=f"{key}_predictions", disable_tqdm=True)
+        try:
+            trainer.predict(loader, results_file=f"{key}_predictions", disable_tqdm=True)
+        finally:
+            _close(loader)
         produced = Path(trainer.config["cmd"]["results_dir"]) / f"{trainer.name}_{key}_predictions.npz"
         files[key] = out / f"{key}_predictions.npz"
         shutil.copyfile(produced, files[key])
@@ -369,6 +409,7 @@ def read_labels(src: str | Path, key_mapping: dict | None = None) -> dict[str, n
         f = np.asarray(d.forces, dtype=np.float64).reshape(-1, 3)[free]
         forces.append(f)
         nfree.append(int(free.sum()))
+    _close(argparse.Namespace(dataset=ds))
     return {"ids": np.array(ids), "energy": np.array(energy), "forces": forces, "natoms_free": np.array(nfree)}
 
 
@@ -399,13 +440,53 @@ def score_submission(submission: str | Path, data_root, prefix: str = "val_") ->
 
 
 # ----------------------------------------------------------------------------- line-up
-def lineup(config_dir: Path, out: Path, epochs: int, data_root: Path, models: Sequence[str] | None,
-           cpu: bool, seed: int, fit_scales: bool, extra_args: Sequence[str]) -> dict:
-    """Train each config with the fairchem CLI for the same number of epochs, then evaluate."""
+def subset_data(data_root: Path, out: Path, train_size: int | None, eval_size: int | None, seed: int) -> Path:
+    """Seeded random subsets of the train split (train_size structures) and of each of the four
+    val splits (eval_size structures) under <out>/data, for a line-up that must fit a CPU budget.
+    Records are copied byte for byte (leignn_ocp.data.splits). Returns the data root to use."""
+    if train_size is None and eval_size is None:
+        return data_root
+    from leignn_ocp.data.lmdb_io import validate_lmdb
+    from leignn_ocp.data.splits import split_lmdb
+
+    dst = out / "data"
+    spec = {"source": str(data_root), "train_size": train_size, "eval_size": eval_size, "seed": seed}
+    stamp = dst / "subset.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == spec:
+        return dst
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    for split in ["train", *(f"val_{s}" for _, s, _ in SPLITS)]:
+        src = data_root / split
+        size = train_size if split == "train" else eval_size
+        n = validate_lmdb(src, required=(), max_check=1)
+        frac = 1.0 if size is None or size >= n else size / n
+        staging = dst / f".{split}"
+        split_lmdb(src, staging, (split,), (1.0,), seed=seed, subset_frac=frac, overwrite=True)
+        (staging / split).rename(dst / split)
+        shutil.rmtree(staging)
+        spec[f"n_{split}"] = validate_lmdb(dst / split, required=(), max_check=1)
+    stamp.write_text(json.dumps(spec, indent=1))
+    log.info(f"line-up data subsets in {dst}: {spec}")
+    return dst
+
+
+def lineup(config_dir: Path, out: Path, epochs: int | None, data_root: Path, models: Sequence[str] | None,
+           cpu: bool, seed: int, fit_scales: bool, extra_args: Sequence[str],
+           train_size: int | None = None, eval_size: int | None = None, scale_batches: int = 16,
+           which: str = "final") -> dict:
+    """Train each config with the fairchem CLI for the same number of epochs on the same data, then
+    evaluate every final checkpoint on the four val splits of `data_root` (or of their subsets)."""
     fairchem = shutil.which("fairchem") or str(Path(sys.executable).with_name("fairchem"))
     names = list(models) if models else [m for m in MODEL_NAMES if (config_dir / f"{m}.yml").exists()]
+    unknown = [n for n in names if not (config_dir / f"{n}.yml").is_file()]
+    if unknown:
+        raise SystemExit(f"no config {', '.join(str(config_dir / f'{n}.yml') for n in unknown)}")
+    data = subset_data(data_root, out, train_size, eval_size, seed)
     runs = out / "runs"
     results, extra = {}, {}
+    t_all = time.time()
     for name in names:
         cfg = config_dir / f"{name}.yml"
         ckpt_dir = runs / "checkpoints" / name
@@ -413,31 +494,34 @@ def lineup(config_dir: Path, out: Path, epochs: int, data_root: Path, models: Se
             shutil.rmtree(ckpt_dir)
         cmd = [fairchem, "--mode", "train", "--config-yml", str(cfg), "--run-dir", str(runs),
                "--timestamp-id", name, "--identifier", name, "--seed", str(seed),
-               "--print-every", "50", f"--optim.max_epochs={epochs}", *extra_args]
+               "--print-every", "50"]
+        if epochs is not None:
+            cmd.append(f"--optim.max_epochs={epochs}")
+        if data != data_root:
+            cmd += [f"--dataset.train.src={data / 'train'}", f"--dataset.val.src={data / 'val_id'}"]
+        cmd += list(extra_args)
         if cpu:
             cmd.append("--cpu")
+        t0 = time.time()
         if fit_scales and _has_scale_factors(cfg):
-            scale = runs / "scale_factors" / f"{name}.pt"
-            scale.parent.mkdir(parents=True, exist_ok=True)
-            if scale.exists():
-                scale.unlink()
-            fit = [sys.executable, "-m", "fairchem.core.modules.scaling.fit", *cmd[1:]]
+            scale_json = runs / "scale_factors" / f"{name}.json"
+            fit = [sys.executable, str(Path(__file__).resolve()), "fit-scales", "--out", str(scale_json),
+                   "--num-batches", str(scale_batches), *cmd[1:]]
             fit[fit.index("--timestamp-id") + 1] = f"{name}_fit"
-            fit += ["--checkpoint", str(scale)]
             log.info("fitting scale factors: " + " ".join(fit))
             _run(fit, runs / f"{name}_fit_scales.log")
-            cmd.append(f"--model.scale_file={scale}")
+            cmd.append(f"--model.scale_file={scale_json}")
         log.info("training: " + " ".join(cmd))
-        t0 = time.time()
         _run(cmd, runs / f"{name}.log")
         train_s = time.time() - t0
-        ckpt = find_checkpoint(ckpt_dir, "final")
+        ckpt = find_checkpoint(ckpt_dir, which)
         row = MODEL_NAMES.get(name, name)
         t0 = time.time()
-        results[row] = evaluate_checkpoint(ckpt, data_root, "val_", cpu=cpu)
+        results[row] = evaluate_checkpoint(ckpt, data, "val_", cpu=cpu)
         extra[row] = {"params": _n_params(ckpt), "train_s": round(train_s, 1), "eval_s": round(time.time() - t0, 1)}
+        log.info(f"{row}: trained in {train_s:.0f} s, evaluated in {extra[row]['eval_s']:.0f} s")
         write_outputs(results, out, extra=extra)  # partial table after every model
-    return {"results": results, "extra": extra}
+    return {"results": results, "extra": extra, "data": data, "wall_s": time.time() - t_all}
 
 
 def _run(cmd: list[str], logfile: Path) -> None:
@@ -457,11 +541,69 @@ def _has_scale_factors(cfg: Path) -> bool:
     return name in ("painn", "gemnet_t")
 
 
-def _n_params(ckpt: Path) -> int:
-    import torch
+def fit_scales(fairchem_argv: Sequence[str], out_json: Path, num_batches: int = 16) -> Path:
+    """Fit a model's ScaleFactors (PaiNN, GemNet) with fairchem's compute_scaling_factors on the
+    config's training data and write a `scale_file` for `--model.scale_file=`.
 
-    sd = torch.load(str(ckpt), map_location="cpu", weights_only=False)["state_dict"]
-    return int(sum(v.numel() for k, v in sd.items() if not k.endswith("scale_factor")))
+    fairchem_argv: the arguments of `fairchem --mode train ...` (config, overrides, --cpu). fairchem
+    1.10's own `python -m fairchem.core.modules.scaling.fit` cannot run (its __main__ reads a flag the
+    parser lacks) and saves the factors keyed by module path, while models load a scale_file keyed by
+    ScaleFactor name; this wrapper runs the same fitting code and writes {name: value} JSON.
+    """
+    import torch
+    from fairchem.core.common import distutils
+    from fairchem.core.common.flags import flags
+    from fairchem.core.common.registry import registry
+    from fairchem.core.common.utils import build_config, setup_imports
+    from fairchem.core.modules.scaling import ScaleFactor
+    from fairchem.core.modules.scaling.fit import compute_scaling_factors
+
+    import leignn_ocp  # noqa: F401
+
+    args, overrides = flags.get_parser().parse_known_args(list(fairchem_argv))
+    config = build_config(args, overrides)
+    config["model"].pop("scale_file", None)  # fit all factors from scratch, no interactive prompt
+    out_json = Path(out_json)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    raw = out_json.with_suffix(".by_path.pt")
+    if raw.exists():
+        raw.unlink()  # fairchem asks before overwriting
+    config["checkpoint"] = str(raw)
+    config["is_debug"] = True  # nothing but the scale file is written
+    distutils.setup_env_local()
+    compute_scaling_factors(config, num_batches=num_batches)
+    by_path = {k: float(v) for k, v in torch.load(str(raw), map_location="cpu", weights_only=False).items()}
+
+    setup_imports()
+    kwargs = dict(config["model"])
+    model = registry.get_model_class(kwargs.pop("name"))(**kwargs)
+    scales = {}
+    for path, module in model.named_modules():
+        if isinstance(module, ScaleFactor):
+            if path not in by_path:
+                raise KeyError(f"{raw}: no fitted value for {path} (have {sorted(by_path)[:5]} ...)")
+            scales[module.name or path] = by_path[path]
+    if not scales:
+        raise ValueError(f"model {config['model']['name']} has no ScaleFactor modules")
+    out_json.write_text(json.dumps({"comment": f"fairchem compute_scaling_factors, {num_batches} batches of "
+                                                f"{config['dataset']['train'].get('src')}", **scales}, indent=1))
+    log.info(f"scale factors -> {out_json}: " + ", ".join(f"{k} {v:.3f}" for k, v in scales.items()))
+    return out_json
+
+
+def _n_params(ckpt: Path) -> int:
+    """Trainable parameters of the checkpoint's model (rebuilt from its config; buffers not counted)."""
+    import torch
+    from fairchem.core.common.registry import registry
+    from fairchem.core.common.utils import setup_imports
+
+    import leignn_ocp  # noqa: F401
+
+    setup_imports()
+    kwargs = dict(torch.load(str(ckpt), map_location="cpu", weights_only=False)["config"]["model"])
+    kwargs.pop("scale_file", None)
+    model = registry.get_model_class(kwargs.pop("name"))(**kwargs)
+    return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -493,12 +635,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = sub.add_parser("lineup", help="train every config of a folder for an equal budget, then Table 1")
     p.add_argument("--config-dir", default="configs/s2ef/default")
-    p.add_argument("--epochs", type=int, required=True, help="the shared budget: epochs of the train split")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="the shared budget: epochs of the train split for every model (default: each "
+                        "config's own optim.max_epochs, i.e. each model's published recipe)")
+    p.add_argument("--which", choices=["final", "best"], default="final",
+                   help="checkpoint scored: final (default data, whose val is val_id) or best on the internal "
+                        "validation split (the paper's OC20-200K/50K protocol)")
     p.add_argument("--models", nargs="*", default=None, help=f"subset of {list(MODEL_NAMES)}")
     p.add_argument("--out", default="results/default_lineup")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-fit-scales", action="store_true", help="leave PaiNN/GemNet ScaleFactors unfitted")
+    p.add_argument("--scale-batches", type=int, default=None,
+                   help="batches per ScaleFactor fit (fairchem's default 16; lineup default 4 on CPU, 16 on GPU)")
     p.add_argument("--data-root", default="data/default/s2ef")
+    p.add_argument("--train-size", type=int, default=None,
+                   help="train every model on the same seeded random subset of this many structures of "
+                        "<data-root>/train (meant for the embedded data; with OC20 configs leave it out)")
+    p.add_argument("--eval-size", type=int, default=None,
+                   help="validate / test on seeded random subsets of this many structures per val split")
     p.add_argument("--gpu", action="store_true")
     p.add_argument("fairchem_args", nargs="*", help="extra fairchem CLI overrides, after --")
 
@@ -514,6 +668,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     common(p)
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "fit-scales":
+        # fit-scales --out FILE.json <the arguments of `fairchem --mode train`>
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        fp = argparse.ArgumentParser(prog="evaluate.py fit-scales", description=fit_scales.__doc__)
+        fp.add_argument("--out", required=True, help="scale file to write (.json)")
+        fp.add_argument("--num-batches", type=int, default=16)
+        fa, rest = fp.parse_known_args(argv[1:])
+        fit_scales(rest, Path(fa.out), fa.num_batches)
+        return 0
     if argv and argv[0] not in sub.choices and argv[0] not in ("-h", "--help"):
         argv = ["quick", *argv]  # `evaluate.py --checkpoint CKPT ...` = quick
     a = ap.parse_args(argv)
@@ -544,10 +707,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif a.cmd == "lineup":
         out = Path(a.out)
         r = lineup(Path(a.config_dir), out, a.epochs, Path(a.data_root), a.models, cpu, a.seed,
-                   not a.no_fit_scales, a.fairchem_args)
-        note = (f"Each model trained with `{Path(a.config_dir)}` for {a.epochs} epochs (seed {a.seed}, "
-                f"{'GPU' if not cpu else 'CPU'}); final checkpoint (EMA weights) evaluated on "
-                f"{a.data_root}/val_{{id,ood_ads,ood_cat,ood_both}}.")
+                   not a.no_fit_scales, a.fairchem_args, a.train_size, a.eval_size,
+                   a.scale_batches or (4 if cpu else 16), a.which)
+        sizes = ""
+        if r["data"] != Path(a.data_root):
+            spec = json.loads((Path(r["data"]) / "subset.json").read_text())
+            sizes = (f" Data: seeded random subsets of {a.data_root} (seed {a.seed}): "
+                     + ", ".join(f"{k[2:]} {v}" for k, v in spec.items() if k.startswith("n_")) + " structures.")
+        budget = f"for {a.epochs} epoch(s)" if a.epochs is not None else "for its config's own optim.max_epochs"
+        note = (f"Budget: every model trained with `{Path(a.config_dir)}/<model>.yml` {budget} "
+                f"on the same training set (seed {a.seed}, {'GPU' if not cpu else 'CPU'}"
+                f"{', extra args ' + ' '.join(a.fairchem_args) if a.fairchem_args else ''}); the {a.which} checkpoint "
+                f"(EMA weights) evaluated on {r['data']}/val_{{id,ood_ads,ood_cat,ood_both}}.{sizes} "
+                f"Line-up wall time {r['wall_s'] / 60:.1f} min. Energy MAE meV, force MAE meV/Å "
+                f"(free atoms), force cosine, EFwT %; params = trainable parameters, train_s includes "
+                f"process start, normalizer and scale-factor fitting and any per-epoch validation.")
+        cmdline = "python scripts/evaluate.py " + " ".join(argv)
+        note += f"\n\nCommand: `{cmdline}`"
         print(write_outputs(r["results"], out, "Table 1 on the embedded data", r["extra"], note), end="")
         print(f"wrote {out}/table1.{{md,csv,png,json}}")
     elif a.cmd == "predict":

@@ -159,7 +159,7 @@ def test_checkpoint_predict_submission_score_agree(tmp_path):
     cmd = [fairchem_cli(), "--mode", "train", "--config-yml", str(REPO / "configs/s2ef/default/leignn.yml"), "--cpu",
            "--run-dir", str(tmp_path / "runs"), "--timestamp-id", "tiny", "--optim.max_epochs=1",
            f"--dataset.train.src={data / 'train'}", f"--dataset.val.src={data / 'val_id'}",
-           f"--dataset.test.src={data / 'val_id'}", "--model.hidden_channels=16", "--model.num_layers=1",
+           "--model.hidden_channels=16", "--model.num_layers=1",
            "--model.num_rbf=8", "--optim.batch_size=4"]
     p = subprocess.run(cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -169,3 +169,31 @@ def test_checkpoint_predict_submission_score_agree(tmp_path):
     scored = ev.score_submission(ev.make_submission(files, tmp_path / "pred" / "submission.npz"), data)
     for _, _, title in ev.SPLITS:
         _check(scored[title], {k: direct[title][k] for k in ev.COLUMNS}, rel=1e-4)
+
+
+def test_lineup_subsets_are_seeded_and_stable(tmp_path):
+    """`lineup --train-size/--eval-size`: the same seeded subsets for every model (and every rerun)."""
+    data = tmp_path / "data"
+    write_lmdb(data / "train", [s for k in range(5) for s in known_split(10 * k)])  # 10 structures
+    for j, (_, suffix, _) in enumerate(ev.SPLITS):
+        write_lmdb(data / f"val_{suffix}", [s for k in range(3) for s in known_split(1000 * (j + 1) + 10 * k)])
+    assert ev.subset_data(data, tmp_path / "a", None, None, 0) == data  # no sizes: the data as they are
+    sub = ev.subset_data(data, tmp_path / "a", 4, 2, 0)
+    assert sub == tmp_path / "a" / "data"
+
+    def sids(path):
+        from fairchem.core.datasets import LmdbDataset
+
+        ds = LmdbDataset({"src": str(path)})
+        out = sorted(int(ds[i].sid) for i in range(len(ds)))
+        ev._close(type("L", (), {"dataset": ds})())
+        return out
+
+    train = sids(sub / "train")
+    assert len(train) == 4 and set(train) <= set(sids(data / "train"))
+    for _, suffix, _ in ev.SPLITS:
+        assert len(sids(sub / f"val_{suffix}")) == 2
+    again = ev.subset_data(data, tmp_path / "b", 4, 2, 0)
+    assert sids(again / "train") == train and sids(again / "val_ood_cat") == sids(sub / "val_ood_cat")
+    assert ev.subset_data(data, tmp_path / "a", 50, None, 0) == tmp_path / "a" / "data"  # sizes above n: all
+    assert len(sids(tmp_path / "a" / "data" / "train")) == 10 and len(sids(tmp_path / "a" / "data" / "val_id")) == 6
