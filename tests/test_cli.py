@@ -9,34 +9,18 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from ase.build import add_adsorbate, fcc100, fcc111, molecule
-from ase.calculators.emt import EMT
-from ase.constraints import FixAtoms
 from fairchem.core.common.utils import load_config
 from fairchem.core.datasets import LmdbDataset
 
 
-from conftest import cli_env, fairchem_cli, write_s2ef_lmdb
+from conftest import cli_env, emt_slab_frames, fairchem_cli, write_s2ef_lmdb
 
 pytestmark = pytest.mark.slow
 
 
 def emt_frames(n: int, seed: int):
-    """Rattled Cu/Pt slabs with *O or *CO, labelled by ASE's EMT (a real calculator)."""
-    rng = np.random.default_rng(seed)
-    frames = []
-    for k in range(n):
-        metal = ["Cu", "Pt"][k % 2]
-        slab = (fcc111 if k % 3 else fcc100)(metal, size=(2, 2, 3), vacuum=6.0)
-        add_adsorbate(slab, molecule(["O", "CO"][k % 2]) if k % 2 else "O", 1.8, "ontop")
-        slab.set_tags([2 if a.symbol in "CO" else 1 for a in slab])
-        slab.set_constraint(FixAtoms(indices=[a.index for a in slab if a.tag == 1 and a.position[2] < 7.0]))
-        slab.rattle(0.1, seed=int(rng.integers(1 << 30)))
-        slab.pbc = True
-        slab.calc = EMT()
-        slab.get_potential_energy()
-        frames.append(slab)
-    return frames
+    """*O and *CO on Cu/Pt slabs, 6 A vacuum, labelled by ASE's EMT (a real calculator)."""
+    return emt_slab_frames(n, seed, adsorbates=("O", "CO"), vacuum=6.0, height=1.8, rattle=0.1)
 
 
 def test_train_then_predict_with_fairchem_cli(tmp_path):

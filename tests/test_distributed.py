@@ -19,18 +19,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from ase.build import add_adsorbate, fcc100, fcc111
-from ase.calculators.emt import EMT
-from ase.constraints import FixAtoms
 from fairchem.core.common.utils import create_grid, load_config
 
 from leignn_ocp.cluster import patch_fairchem
 
-from conftest import REPO, cli_env, fairchem_cli, write_s2ef_lmdb
+from conftest import REPO, cli_env, emt_slab_frames, fairchem_cli, write_s2ef_lmdb
 
 pytestmark = pytest.mark.slow
 
@@ -42,29 +38,12 @@ LAUNCHER = [PY, "-m", "leignn_ocp.cluster"]  # the fairchem CLI + leignn_ocp/clu
 PROBE = "leignn_probe.ProbeLEIGNN"  # tests/leignn_probe.py: LEIGNN that signals itself at step k
 
 
-def _frames(n: int, seed: int):
-    """Rattled Cu / Pt slabs (2x2x3) with an O adatom, bottom layer fixed, labelled by ASE's EMT."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for k in range(n):
-        slab = (fcc111 if k % 2 else fcc100)(["Cu", "Pt"][k % 3 == 0], size=(2, 2, 3), vacuum=5.0)
-        add_adsorbate(slab, "O", 1.6, "ontop")
-        slab.set_tags([2 if a.symbol == "O" else 1 for a in slab])
-        slab.set_constraint(FixAtoms(indices=[a.index for a in slab if a.position[2] < slab.positions[:, 2].min() + 0.5]))
-        slab.rattle(0.08, seed=int(rng.integers(1 << 30)))
-        slab.pbc = True
-        slab.calc = EMT()
-        slab.get_potential_energy()
-        out.append(slab)
-    return out
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """A folder with train/val LMDBs and cfg.yml: configs/s2ef/default/leignn.yml shrunk to seconds."""
     root = tmp_path_factory.mktemp("dist")
-    write_s2ef_lmdb(_frames(N_TRAIN, seed=0), root / "train")
-    write_s2ef_lmdb(_frames(4, seed=1), root / "val")
+    write_s2ef_lmdb(emt_slab_frames(N_TRAIN, seed=0), root / "train")
+    write_s2ef_lmdb(emt_slab_frames(4, seed=1), root / "val")
     cfg, _, _ = load_config(str(REPO / "configs/s2ef/default/leignn.yml"))
     norm = {"energy": {"mean": 0.0, "stdev": 1.0}, "forces": {"mean": 0.0, "stdev": 1.0}}
     cfg["dataset"] = {
