@@ -7,7 +7,7 @@ takes exactly the flags of the ``fairchem`` console script and runs the same cod
 (:func:`fairchem.core._cli.main`: submitit ``AutoExecutor`` for ``--submit``, torch elastic launch for
 ``--num-gpus N`` without ``--submit``, one process otherwise). The plain ``fairchem`` CLI trains this
 plugin too (``model.name: leignn_ocp.LEIGNN`` is imported by fairchem's registry in every process);
-this launcher only swaps in :class:`Runner` and patches seven rough edges of fairchem 1.10:
+this launcher only swaps in :class:`Runner` and patches eight rough edges of fairchem 1.10:
 
 1. ``--sweep-yml`` crashes on Python >= 3.10: ``create_grid`` tests ``collections.MutableMapping``,
    which Python 3.10 removed. :func:`patch_fairchem` restores the alias (to ``collections.abc``'s).
@@ -45,6 +45,12 @@ this launcher only swaps in :class:`Runner` and patches seven rough edges of fai
    DataLoaders would spawn workers too and pickle the dataset's open LMDB environments, which cannot
    be pickled (pytorch/examples#526). Each rank here switches to the ``fork`` start method instead, so
    its workers inherit the LMDB files the rank opened, as in every single-process or Slurm run.
+8. Local multi-rank runs meet on a free port. fairchem's torch elastic launch names no rendezvous
+   endpoint, so every agent uses ``localhost:29400`` and, when it cannot bind that port, silently
+   becomes a *client* of whatever holds it: a second local run on the node, a stale process or any
+   other program there makes the run wait forever (measured: an idle listener on 29400 stalls
+   ``fairchem --cpu --num-gpus 2`` with no error). Here the agent hosts its own store on a free port
+   and fails at once with a connection error if it cannot.
 
 Multi-rank runs also log a replica check at the end: every rank compares its parameters with rank 0's
 (``DDP replica check: ... max |param - rank-0 param| = 0``).
@@ -142,6 +148,20 @@ def patch_fairchem() -> None:
     _cli.Runner = Runner
     _cli.runner_wrapper = runner_wrapper
     _cli.build_config = _build_config
+    _cli.LaunchConfig = _own_rendezvous_launch_config
+
+
+def _own_rendezvous_launch_config(**kwargs):
+    """torch elastic's ``LaunchConfig`` for fairchem's local multi-rank launch, hosting the c10d
+    rendezvous store on a free port of this machine (fix 8)."""
+    from torch.distributed.elastic.utils.distributed import get_free_port
+    from torch.distributed.launcher.api import LaunchConfig
+
+    if not kwargs.get("rdzv_endpoint"):
+        kwargs["rdzv_endpoint"] = f"localhost:{get_free_port()}"
+        kwargs["rdzv_configs"] = {"timeout": 900, **kwargs.get("rdzv_configs", {}), "is_host": True}
+        logging.info(f"leignn_ocp.cluster: local rendezvous at {kwargs['rdzv_endpoint']}")
+    return LaunchConfig(**kwargs)
 
 
 class Runner(_FairchemRunner):

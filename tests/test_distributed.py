@@ -9,11 +9,13 @@ Slurm node would, including submitit's preemption signal handling and requeue.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -68,7 +70,11 @@ def _env(**extra) -> dict:
 
 
 def _run(cmd: list[str], timeout: float = 400, cwd: Path = REPO, **env) -> str:
-    p = subprocess.run(cmd, capture_output=True, text=True, env=_env(**env), timeout=timeout, cwd=cwd)
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, env=_env(**env), timeout=timeout, cwd=cwd)
+    except subprocess.TimeoutExpired as e:  # show where it stalled, not just the command line
+        out = [x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr)]
+        pytest.fail(f"{cmd} still running after {timeout} s; last output:\n{''.join(out)[-6000:]}")
     log = p.stdout + p.stderr
     assert p.returncode == 0, f"{cmd}\n{log[-6000:]}"
     return log
@@ -211,13 +217,43 @@ def test_submitit_preemption_requeues_and_finishes(tiny, reference):
 # multi-process data parallel through fairchem's own launcher (torch elastic, gloo on CPU)
 
 
+ELASTIC_DEFAULT_PORT = 29400  # torch elastic's c10d rendezvous port when no endpoint is given
+
+
+@contextlib.contextmanager
+def _idle_listener(port: int):
+    """A process-local socket that listens on ``port`` and never answers (None if the port is taken)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(("0.0.0.0", port))
+        s.listen(8)
+    except OSError:
+        s.close()
+        yield None
+        return
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def _port_free(port: int) -> bool:
+    with _idle_listener(port) as s:
+        return s is not None
+
+
 def test_two_rank_cpu_ddp(tiny):
     """`--cpu --num-gpus 2`: fairchem's main() starts 2 ranks with torch elastic, gloo backend; each
-    rank keeps one DataLoader worker (fairchem 1.10 alone would force num_workers to 0)."""
+    rank keeps one DataLoader worker (fairchem 1.10 alone would force num_workers to 0). Port 29400,
+    where plain fairchem's rendezvous would wait forever for an idle listener, is held meanwhile."""
     run_dir = tiny / "run_ddp"
     t0 = time.time()
-    log = _run([*LAUNCHER, *_train_args(tiny, run_dir, "ddp"), "--num-gpus", "2", "--optim.num_workers=1"])
+    with _idle_listener(ELASTIC_DEFAULT_PORT):
+        log = _run([*LAUNCHER, *_train_args(tiny, run_dir, "ddp"), "--num-gpus", "2", "--optim.num_workers=1"],
+                   timeout=200)
     assert "Running in local mode with 2 ranks" in log
+    assert re.search(r"leignn_ocp.cluster: local rendezvous at localhost:(\d+)", log)
     assert "keeping optim.num_workers=1 per rank" in log
     assert "rank: 1: Sampler created" in log  # the second rank built its own sampler shard
     m = re.search(r"DDP replica check: 2 ranks, (\d+) parameters, max \|param - rank-0 param\| = (\S+)", log)
@@ -230,9 +266,12 @@ def test_two_rank_cpu_ddp(tiny):
     assert state["step"] == steps and _adam_updates(state) == steps
     assert state["config"]["optim"]["num_workers"] == 1
 
-    # the same through the plain `fairchem` console script (fairchem forces num_workers=0 there)
+    # the same through the plain `fairchem` console script (fairchem forces num_workers=0 there),
+    # which needs port 29400 free (else it stalls: fix 8 in leignn_ocp/cluster.py)
+    if not _port_free(ELASTIC_DEFAULT_PORT):
+        pytest.skip(f"port {ELASTIC_DEFAULT_PORT} is in use here: plain fairchem's local rendezvous would wait on it")
     plain_dir = tiny / "run_ddp_plain"
-    log = _run([fairchem_cli(), *_train_args(tiny, plain_dir, "ddp-plain"), "--num-gpus", "2"])
+    log = _run([fairchem_cli(), *_train_args(tiny, plain_dir, "ddp-plain"), "--num-gpus", "2"], timeout=200)
     assert "Running in local mode with 2 ranks" in log
     (plain_ckpt,) = _ckpts(plain_dir)
     plain = _load(plain_ckpt)
