@@ -67,6 +67,8 @@ import sys
 
 import torch
 from fairchem.core import _cli
+from torch.distributed.elastic.utils.distributed import get_free_port
+from torch.distributed.launcher.api import LaunchConfig
 from fairchem.core.common import distutils
 from fairchem.core.common import utils as fc_utils
 
@@ -154,12 +156,9 @@ def patch_fairchem() -> None:
 def _own_rendezvous_launch_config(**kwargs):
     """torch elastic's ``LaunchConfig`` for fairchem's local multi-rank launch, hosting the c10d
     rendezvous store on a free port of this machine (fix 8)."""
-    from torch.distributed.elastic.utils.distributed import get_free_port
-    from torch.distributed.launcher.api import LaunchConfig
-
     if not kwargs.get("rdzv_endpoint"):
         kwargs["rdzv_endpoint"] = f"localhost:{get_free_port()}"
-        kwargs["rdzv_configs"] = {"timeout": 900, **kwargs.get("rdzv_configs", {}), "is_host": True}
+        kwargs["rdzv_configs"] = {**kwargs.get("rdzv_configs", {}), "is_host": True}
         logging.info(f"leignn_ocp.cluster: local rendezvous at {kwargs['rdzv_endpoint']}")
     return LaunchConfig(**kwargs)
 
@@ -306,7 +305,6 @@ def _rendezvous_from_submitit(config: dict) -> dict:
     if on_slurm and not config.get("cpu"):
         return config
     from submitit import JobEnvironment
-    from torch.distributed.elastic.utils.distributed import get_free_port
 
     env = JobEnvironment()
     if env.num_tasks != config["world_size"]:

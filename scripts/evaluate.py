@@ -8,8 +8,8 @@ Sub-commands (``python scripts/evaluate.py <cmd> -h`` for the options):
   table    several checkpoints / run directories -> Table 1 as Markdown, CSV and a grouped bar PNG
              python scripts/evaluate.py table --run LEIGNN=<ckpt|dir> --run PaiNN=<ckpt|dir> ... --out results/table1
   lineup   train every config of a folder with the fairchem CLI for one shared budget, then `table`
-             python scripts/evaluate.py lineup --config-dir configs/s2ef/default --epochs 3 \\
-                 --train-size 400 --eval-size 64 --out results/default_lineup     # CPU, embedded data
+             python scripts/evaluate.py lineup --config-dir configs/s2ef/default --epochs 5 \\
+                 --train-size 1000 --eval-size 100 --out results/default_lineup   # CPU, embedded data
              python scripts/evaluate.py lineup --config-dir configs/s2ef/200k --which best \\
                  --data-root data/s2ef/all --gpu --out results/oc20_200k           # the paper's Table 1
   predict  fairchem's predict mode (trainer.predict, what `fairchem --mode predict` runs) on the four
