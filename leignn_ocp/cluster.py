@@ -49,8 +49,10 @@ this launcher only swaps in :class:`Runner` and patches eight rough edges of fai
    endpoint, so every agent uses ``localhost:29400`` and, when it cannot bind that port, silently
    becomes a *client* of whatever holds it: a second local run on the node, a stale process or any
    other program there makes the run wait forever (measured: an idle listener on 29400 stalls
-   ``fairchem --cpu --num-gpus 2`` with no error). Here the agent hosts its own store on a free port
-   and fails at once with a connection error if it cannot.
+   ``fairchem --cpu --num-gpus 2`` with no error). Two such runs on one host (or in containers
+   sharing a network) join one store, and the later one breaks when the first exits (measured: the
+   second of two runs started 9 s apart exited with code 1). Here the agent hosts its own store on a
+   free port and fails at once with a connection error if it cannot.
 
 Multi-rank runs also log a replica check at the end: every rank compares its parameters with rank 0's
 (``DDP replica check: ... max |param - rank-0 param| = 0``).

@@ -70,12 +70,23 @@ def _env(**extra) -> dict:
 
 
 def _run(cmd: list[str], timeout: float = 400, cwd: Path = REPO, **env) -> str:
+    """Run ``cmd``; if it stalls, fail with every process's Python stack (faulthandler on SIGABRT)."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                         env=_env(PYTHONFAULTHANDLER="1", **env), start_new_session=True)
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, env=_env(**env), timeout=timeout, cwd=cwd)
-    except subprocess.TimeoutExpired as e:  # show where it stalled, not just the command line
-        out = [x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr)]
-        pytest.fail(f"{cmd} still running after {timeout} s; last output:\n{''.join(out)[-6000:]}")
-    log = p.stdout + p.stderr
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGABRT)  # each Python process of the group prints its threads' stacks
+        try:
+            out, err = p.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, err = p.communicate()
+        err = "\n".join(ln for ln in err.splitlines()
+                       if not any(k in ln for k in ("Warning", "torch.load(", "Extension modules:")))
+        pytest.fail(f"{cmd} still running after {timeout} s\n--- stdout (end) ---\n{out[-3000:]}\n"
+                    f"--- stderr without warnings (end) ---\n{err[-12000:]}")
+    log = out + err
     assert p.returncode == 0, f"{cmd}\n{log[-6000:]}"
     return log
 
@@ -238,22 +249,22 @@ def _idle_listener(port: int):
         s.close()
 
 
-def _port_free(port: int) -> bool:
-    with _idle_listener(port) as s:
-        return s is not None
-
-
 def test_two_rank_cpu_ddp(tiny):
     """`--cpu --num-gpus 2`: fairchem's main() starts 2 ranks with torch elastic, gloo backend; each
-    rank keeps one DataLoader worker (fairchem 1.10 alone would force num_workers to 0). Port 29400,
-    where plain fairchem's rendezvous would wait forever for an idle listener, is held meanwhile."""
+    rank keeps one DataLoader worker (fairchem 1.10 alone would force num_workers to 0).
+
+    Port 29400, where the plain ``fairchem`` CLI's rendezvous always meets, is held by an idle
+    listener meanwhile: the launcher must not touch it. The plain CLI's own multi-rank run is not
+    tested here: with 29400 shared by every run on the host (or container network), two concurrent
+    runs join one store and the later one hangs or fails when the first exits (fix 8)."""
     run_dir = tiny / "run_ddp"
     t0 = time.time()
     with _idle_listener(ELASTIC_DEFAULT_PORT):
         log = _run([*LAUNCHER, *_train_args(tiny, run_dir, "ddp"), "--num-gpus", "2", "--optim.num_workers=1"],
                    timeout=200)
     assert "Running in local mode with 2 ranks" in log
-    assert re.search(r"leignn_ocp.cluster: local rendezvous at localhost:(\d+)", log)
+    m = re.search(r"leignn_ocp.cluster: local rendezvous at localhost:(\d+)", log)
+    assert m and int(m.group(1)) != ELASTIC_DEFAULT_PORT
     assert "keeping optim.num_workers=1 per rank" in log
     assert "rank: 1: Sampler created" in log  # the second rank built its own sampler shard
     m = re.search(r"DDP replica check: 2 ranks, (\d+) parameters, max \|param - rank-0 param\| = (\S+)", log)
@@ -265,19 +276,6 @@ def test_two_rank_cpu_ddp(tiny):
     steps = N_TRAIN // (2 * BATCH) * EPOCHS  # each rank sees half of every epoch
     assert state["step"] == steps and _adam_updates(state) == steps
     assert state["config"]["optim"]["num_workers"] == 1
-
-    # the same through the plain `fairchem` console script (fairchem forces num_workers=0 there),
-    # which needs port 29400 free (else it stalls: fix 8 in leignn_ocp/cluster.py)
-    if not _port_free(ELASTIC_DEFAULT_PORT):
-        pytest.skip(f"port {ELASTIC_DEFAULT_PORT} is in use here: plain fairchem's local rendezvous would wait on it")
-    plain_dir = tiny / "run_ddp_plain"
-    log = _run([fairchem_cli(), *_train_args(tiny, plain_dir, "ddp-plain"), "--num-gpus", "2"], timeout=200)
-    assert "Running in local mode with 2 ranks" in log
-    (plain_ckpt,) = _ckpts(plain_dir)
-    plain = _load(plain_ckpt)
-    diff = _max_diff(plain, state)
-    print(f"plain fairchem ddp: step {plain['step']}, max |w - w_launcher| = {diff:.3e}")
-    assert plain["step"] == steps and diff == 0.0
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values())
 
 
