@@ -230,10 +230,11 @@ def evaluate_split(trainer, src: str | Path, batch_size: int | None = None) -> d
     return _table_metrics(metrics)
 
 
-def _close(loader) -> None:
-    """Close a loader's LMDB environments now: py-lmdb refuses to open one folder twice in a process."""
-    ds, seen = getattr(loader, "dataset", None), 0
-    while ds is not None and seen < 8:
+def _close(obj) -> None:
+    """Close the LMDB environments of a loader or dataset (and of the datasets it wraps) now:
+    py-lmdb refuses to open one folder twice in a process."""
+    ds, seen = obj, 0
+    while ds is not None and seen < 9:
         for env in [getattr(ds, "env", None), *(getattr(ds, "envs", None) or [])]:
             if env is not None:
                 env.close()
@@ -409,7 +410,7 @@ def read_labels(src: str | Path, key_mapping: dict | None = None) -> dict[str, n
         f = np.asarray(d.forces, dtype=np.float64).reshape(-1, 3)[free]
         forces.append(f)
         nfree.append(int(free.sum()))
-    _close(argparse.Namespace(dataset=ds))
+    _close(ds)
     return {"ids": np.array(ids), "energy": np.array(energy), "forces": forces, "natoms_free": np.array(nfree)}
 
 
@@ -553,8 +554,7 @@ def fit_scales(fairchem_argv: Sequence[str], out_json: Path, num_batches: int = 
     import torch
     from fairchem.core.common import distutils
     from fairchem.core.common.flags import flags
-    from fairchem.core.common.registry import registry
-    from fairchem.core.common.utils import build_config, setup_imports
+    from fairchem.core.common.utils import build_config
     from fairchem.core.modules.scaling import ScaleFactor
     from fairchem.core.modules.scaling.fit import compute_scaling_factors
 
@@ -574,9 +574,7 @@ def fit_scales(fairchem_argv: Sequence[str], out_json: Path, num_batches: int = 
     compute_scaling_factors(config, num_batches=num_batches)
     by_path = {k: float(v) for k, v in torch.load(str(raw), map_location="cpu", weights_only=False).items()}
 
-    setup_imports()
-    kwargs = dict(config["model"])
-    model = registry.get_model_class(kwargs.pop("name"))(**kwargs)
+    model = _build_model(config["model"])
     scales = {}
     for path, module in model.named_modules():
         if isinstance(module, ScaleFactor):
@@ -591,19 +589,25 @@ def fit_scales(fairchem_argv: Sequence[str], out_json: Path, num_batches: int = 
     return out_json
 
 
-def _n_params(ckpt: Path) -> int:
-    """Trainable parameters of the checkpoint's model (rebuilt from its config; buffers not counted)."""
-    import torch
+def _build_model(model_cfg: dict):
+    """The model a config's ``model`` block describes, with fresh weights (no scale_file read)."""
     from fairchem.core.common.registry import registry
     from fairchem.core.common.utils import setup_imports
 
-    import leignn_ocp  # noqa: F401
+    import leignn_ocp  # noqa: F401  (registers the model)
 
     setup_imports()
-    kwargs = dict(torch.load(str(ckpt), map_location="cpu", weights_only=False)["config"]["model"])
-    kwargs.pop("scale_file", None)
-    model = registry.get_model_class(kwargs.pop("name"))(**kwargs)
-    return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
+    kwargs = {k: v for k, v in model_cfg.items() if k not in ("name", "scale_file")}
+    return registry.get_model_class(model_cfg["name"])(**kwargs)
+
+
+def _n_params(ckpt: Path) -> int:
+    """Trainable parameters of the checkpoint's model (rebuilt from its config; buffers not counted)."""
+    import torch
+
+    from leignn_ocp.bench import count_params
+
+    return count_params(_build_model(torch.load(str(ckpt), map_location="cpu", weights_only=False)["config"]["model"]))
 
 
 # ----------------------------------------------------------------------------- CLI

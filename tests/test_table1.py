@@ -186,7 +186,7 @@ def test_lineup_subsets_are_seeded_and_stable(tmp_path):
 
         ds = LmdbDataset({"src": str(path)})
         out = sorted(int(ds[i].sid) for i in range(len(ds)))
-        ev._close(type("L", (), {"dataset": ds})())
+        ev._close(ds)
         return out
 
     train = sids(sub / "train")
