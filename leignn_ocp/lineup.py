@@ -9,6 +9,7 @@ Published numbers are the paper's (Yang et al., npj Comput. Mater. 2024; see
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # (submission key, LMDB folder suffix, column title): OC20's four S2EF evaluation splits
 SPLITS: tuple[tuple[str, str, str], ...] = (
@@ -114,3 +115,51 @@ def label(name: str) -> str:
         return get(name).label
     except KeyError:
         return name
+
+
+# --------------------------------------------------------------------------- configs -> models
+
+
+def config_path(key: str, size: str = "default", config_root: str | Path = "configs/s2ef") -> Path:
+    """``<config_root>/<size>/<key>.yml``; ``config_root`` is relative to the working directory
+    (the repository root, as for ``fairchem --config-yml``) unless absolute."""
+    path = Path(config_root) / size / f"{get(key).key}.yml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no config {path} (run from the repository root or pass the configs folder explicitly)"
+        )
+    return path
+
+
+def load_config(path: str | Path) -> dict:
+    """A config with its ``includes:`` merged, by fairchem's own loader; conflicts are errors."""
+    from fairchem.core.common.utils import load_config as fc_load_config
+
+    config, _dup_warning, dup_error = fc_load_config(str(path))
+    if dup_error:
+        raise ValueError(f"{path}: keys set by more than one included file: {dup_error}")
+    return config
+
+
+def build_model(model_cfg: dict, overrides: dict | None = None, seed: int | None = None):
+    """The model a config's ``model:`` block describes, through fairchem's registry, fresh weights.
+
+    ``scale_file`` is dropped: fitted ScaleFactors are loaded with a checkpoint's state dict.
+    """
+    import torch
+    from fairchem.core.common.registry import registry
+    from fairchem.core.common.utils import setup_imports
+
+    import leignn_ocp  # noqa: F401  (registers the model)
+
+    setup_imports()
+    kwargs = {k: v for k, v in model_cfg.items() if k not in ("name", "scale_file")}
+    kwargs.update(overrides or {})
+    if seed is not None:
+        torch.manual_seed(seed)
+    return registry.get_model_class(model_cfg["name"])(**kwargs)
+
+
+def count_params(model) -> int:
+    """Trainable parameters (buffers and frozen tensors not counted), as tables report them."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
