@@ -3,7 +3,9 @@
 Every atom carries a scalar feature s `[N, F]` and a vector feature v `[N, 3, F]`
 (spatial axis before the channel axis, so channel-mixing Linears never mix x/y/z);
 every graph carries a global scalar g `[B, F]` and global vector u `[B, 3, F]`.
-See ``shared/design/LEIGNN.md`` for the equations this file implements.
+The equations are those of ``shared/design/LEIGNN.md``, quoted in each block's docstring
+(sigma = ScaledSiLU, b(i) = graph of atom i, (x) = outer product, || = concatenation).
+How the sums run (fused CPU kernels, per-graph terms) lives in ``leignn_ocp/ops.py``.
 """
 
 from __future__ import annotations
@@ -20,259 +22,81 @@ from fairchem.core.models.gemnet.layers.base_layers import ScaledSiLU
 from fairchem.core.models.gemnet.layers.embedding_block import AtomEmbedding
 from fairchem.core.models.gemnet.layers.radial_basis import RadialBasis
 
+from leignn_ocp import ops
+
 UPDATES = ("nmu", "painn")
 
 
 def _mlp(n_in: int, n_hidden: int, n_out: int, act_out: bool = False) -> nn.Sequential:
-    layers = [nn.Linear(n_in, n_hidden), ScaledSiLU(), nn.Linear(n_hidden, n_out)]
-    if act_out:
-        layers.append(ScaledSiLU())
-    return nn.Sequential(*layers)
-
-
-def _full(x: torch.Tensor) -> torch.Tensor:
-    """float32 for half / bfloat16 tensors (mixed precision), anything else unchanged."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-class Reducer:
-    """Sums rows into groups: per-edge messages into their receivers, atoms into their graph.
-
-    ``index_add`` (a serial row-wise add on CPU, atomics on GPU, fused by inductor under
-    ``torch.compile``); its backward is a plain row gather. Edges may come in any order.
-    """
-
-    def __init__(self, index: torch.Tensor, size: int, counts: torch.Tensor | None = None) -> None:
-        self.index = index
-        self.size = size
-        self._counts = None if counts is None else counts.clamp(min=1)  # rows per group
-
-    def sum(self, x: torch.Tensor) -> torch.Tensor:  # [M, ...] -> [size, ...]
-        x = _full(x)  # accumulate half / bfloat16 terms (autocast) in float32
-        return x.new_zeros((self.size, *x.shape[1:])).index_add_(0, self.index, x)
-
-    def mean(self, x: torch.Tensor) -> torch.Tensor:
-        if self._counts is None:
-            self._counts = torch.bincount(self.index, minlength=self.size).clamp(min=1)
-        total = self.sum(x)
-        return total / self._counts.to(total.dtype).view(-1, *([1] * (x.dim() - 1)))
-
-
-@torch.compiler.disable  # a Python loop over data-dependent chunks: runs eagerly under torch.compile
-def _chunked_message(*args):
-    return _ChunkedMessage.apply(*args)
-
-
-class RadialFilter:
-    """The edges' radial basis ``rbf(r_ij)`` and how the CPU path walks over the edges.
-
-    ``chunked=True`` (CPU, direct forces; the model has sorted the edges by distance):
-    the edges are cut into chunks of ``chunk`` consecutive edges, which the fused message
-    (``_ChunkedMessage``) processes one at a time so that every per-edge temporary stays
-    in cache. Within a chunk only the contiguous range of basis columns in which some edge
-    has a value above ``rel_tol`` times that edge's largest one enters ``W(rbf)``: with
-    OC20's 128 Gaussians, each one spacing wide, that is ~20 columns, since 9.6 widths
-    from its centre a Gaussian is below 1e-20 of the largest one. The skipped products are
-    far below float64 round-off, so the filters equal the dense ``Linear`` to round-off; a
-    basis that is not localised simply keeps all its columns.
-    """
-
-    def __init__(self, rbf: torch.Tensor, chunked: bool = False, chunk: int = 128,
-                 rel_tol: float = 1e-20) -> None:
-        self.rbf = rbf
-        self.chunks = None  # [(first edge, end edge, first column, end column)]
-        self.fraction = 1.0  # share of the dense W(rbf) products actually computed
-        if chunked and rbf.shape[0] > 0 and not rbf.requires_grad:
-            self.chunks, self.fraction = _plan_chunks(rbf, chunk, rel_tol)
-
-
-@torch.compiler.disable  # data-dependent Python values: runs eagerly under torch.compile
-def _plan_chunks(rbf: torch.Tensor, chunk: int, rel_tol: float):
-    E, K = rbf.shape
-    with torch.no_grad():
-        mag = rbf.abs()
-        active = mag > rel_tol * mag.amax(dim=1, keepdim=True)  # [E, K]
-        C = -(-E // chunk)
-        pad = active.new_zeros(C * chunk, K)
-        pad[:E] = active
-        act = pad.view(C, chunk, K).any(dim=1).to(torch.int8)  # [C, K]: column used in chunk c
-        used = act.any(dim=1)
-        lo = torch.where(used, act.argmax(dim=1), 0).tolist()
-        hi = torch.where(used, K - act.flip(1).argmax(dim=1), 0).tolist()
-    chunks = [(c * chunk, min(E, (c + 1) * chunk), lo[c], hi[c]) for c in range(C)]
-    return chunks, sum((c1 - c0) * (h - l) for c0, c1, l, h in chunks) / (E * K)
-
-
-def _chunk_filter(rbf, weight, bias, c0, c1, lo, hi):
-    """``W(rbf)`` for edges c0:c1 from basis columns lo:hi only: [m, 3F]."""
-    if hi > lo:
-        return torch.addmm(bias, rbf[c0:c1, lo:hi], weight[:, lo:hi].t())
-    return bias.expand(c1 - c0, -1).clone()  # every basis value of the chunk is zero
-
-
-class _ChunkedMessage(torch.autograd.Function):
-    """Step 2 fused over chunks of edges (CPU, direct forces): for each chunk, gather,
-    filter, multiply and ``index_add`` into the receivers while the chunk is in cache.
-    No per-edge tensor is kept for backward: backward recomputes each chunk's filters and
-    gathers (cheap next to the memory traffic saved) and accumulates the gradients of
-    phi(s), v and the filter's weight and bias. Same arithmetic as ``Message``'s plain
-    path, edge by edge.
-    """
-
-    @staticmethod
-    def forward(ctx, phi, v, weight, bias, rbf, e, src, dst, chunks, v_zero):
-        N, F3 = phi.shape
-        F = F3 // 3
-        ds = phi.new_zeros(N, F)
-        dv = phi.new_zeros(N, F3)
-        v2 = v.reshape(N, F3)
-        for c0, c1, lo, hi in chunks:
-            s_, d_, e_ = src[c0:c1], dst[c0:c1], e[c0:c1].unsqueeze(2)  # e_: [m, 3, 1]
-            x = phi.index_select(0, s_).mul_(_chunk_filter(rbf, weight, bias, c0, c1, lo, hi))  # [m, 3F]
-            a, b, c = x[:, :F].unsqueeze(1), x[:, F : 2 * F].unsqueeze(1), x[:, 2 * F :]
-            ds.index_add_(0, d_, c)
-            if v_zero:
-                m = b * e_  # [m, 3, F]
-            else:
-                m = v2.index_select(0, s_).view(-1, 3, F).mul_(a).addcmul_(b, e_)
-            dv.index_add_(0, d_, m.view(-1, F3))
-        ctx.save_for_backward(phi, v2, weight, bias, rbf, e, src, dst)
-        ctx.chunks, ctx.v_zero = chunks, v_zero
-        return ds, dv.view(N, 3, F)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_ds, g_dv):
-        phi, v2, weight, bias, rbf, e, src, dst = ctx.saved_tensors
-        N, F3 = phi.shape
-        F = F3 // 3
-        g_ds = g_ds.contiguous()
-        g_dv = g_dv.reshape(N, F3)
-        need_phi, need_v, need_w, need_b = ctx.needs_input_grad[:4]
-        grad_phi = torch.zeros_like(phi) if need_phi else None
-        grad_v = torch.zeros_like(v2) if (need_v and not ctx.v_zero) else None
-        grad_w = torch.zeros_like(weight) if need_w else None
-        grad_b = torch.zeros_like(bias) if need_b else None
-        for c0, c1, lo, hi in ctx.chunks:
-            s_, d_, e_ = src[c0:c1], dst[c0:c1], e[c0:c1].unsqueeze(2)
-            R = _chunk_filter(rbf, weight, bias, c0, c1, lo, hi)  # [m, 3F]
-            phi_j = phi.index_select(0, s_)
-            G = g_dv.index_select(0, d_).view(-1, 3, F)  # d loss / d message_ij (vector part)
-            gb = (G * e_).sum(1)  # [m, F]
-            if ctx.v_zero:
-                ga = torch.zeros_like(gb)
-            else:
-                v_j = v2.index_select(0, s_).view(-1, 3, F)
-                ga = (G * v_j).sum(1)
-                if grad_v is not None:
-                    a = (phi_j[:, :F] * R[:, :F]).unsqueeze(1)
-                    grad_v.index_add_(0, s_, (G * a).view(-1, F3))
-            gx = torch.cat([ga, gb, g_ds.index_select(0, d_)], dim=1)  # d loss / d x_ij: [m, 3F]
-            if grad_phi is not None:
-                grad_phi.index_add_(0, s_, gx * R)
-            if grad_w is not None or grad_b is not None:
-                gR = gx.mul_(phi_j)  # d loss / d W(rbf)_ij
-                if grad_w is not None and hi > lo:
-                    grad_w[:, lo:hi].addmm_(gR.t(), rbf[c0:c1, lo:hi])
-                if grad_b is not None:
-                    grad_b += gR.sum(0)
-        if grad_v is not None:
-            grad_v = grad_v.view(N, 3, F)
-        return grad_phi, grad_v, grad_w, grad_b, None, None, None, None, None, None
-
-
-def _split_linear(x: torch.Tensor, lin: nn.Linear, F: int, y: torch.Tensor, index: torch.Tensor):
-    """``lin(cat([x, y[index]], -1))`` with the second half computed once per row of ``y``.
-
-    ``y`` is per graph and ``index`` maps atoms to graphs, so the half of the matmul that
-    reads ``y`` runs on B rows instead of N. Same numbers up to round-off.
-    """
-    w_x, w_y = lin.weight.split(F, dim=1)  # [out, F] each (split: its backward is one cat)
-    return nn.functional.linear(x, w_x) + nn.functional.linear(y, w_y, lin.bias).index_select(0, index)
+    """Linear(n_in->n_hidden), sigma, Linear(n_hidden->n_out)[, sigma]."""
+    last = [ScaledSiLU()] if act_out else []
+    return nn.Sequential(nn.Linear(n_in, n_hidden), ScaledSiLU(), nn.Linear(n_hidden, n_out), *last)
 
 
 class GlobalDistribute(nn.Module):
-    """Step 1 (paper eqs. 5-6): every atom reads its graph's global scalar and vector."""
+    """Step 1, global message distributing (paper eqs. 5-6): every atom reads its graph's globals.
+
+        s_i <- s_i + MLP_d([s_i || g_b(i)])     MLP_d: Linear(2F->F), sigma, Linear(F->F), sigma
+        v_i <- v_i + W_d (v_i + u_b(i))         W_d: Linear(F->F), no bias
+
+    ``v=None`` stands for v = 0 in the first layer, where u = 0 too: then W_d (v_i + u_b(i)) = 0
+    and v stays None, so that the message step can skip its products with v.
+    """
 
     def __init__(self, F: int) -> None:
         super().__init__()
         self.mlp = _mlp(2 * F, F, F, act_out=True)
         self.lin_v = nn.Linear(F, F, bias=False)
 
-    def forward(self, s, v, g, u, batch, v_zero: bool = False):
-        F = s.shape[-1]
-        mlp = self.mlp  # Linear(2F->F), sigma, Linear(F->F), sigma on [s || g_b(i)]
-        h = mlp[1](_split_linear(s, mlp[0], F, g, batch))
-        s = s + mlp[3](mlp[2](h))  # [N, F]
-        if v_zero:  # first layer: v = u = 0, so W_d (v + u_b(i)) = W_d u_b(i), computed per graph
-            v = v + self.lin_v(u).index_select(0, batch)
-        else:
+    def forward(self, s, v, g, u, batch):
+        if v is None:  # W_d times 0, as the equation has it: W_d stays in the autograd graph (DDP)
+            g = g + ops.times_zero(self.lin_v.weight)  # [B, F]
+        s = s + ops.mlp_on_cat(self.mlp, s, g, batch)  # [N, F]; MLP_d([s_i || g_b(i)])
+        if v is not None:
             v = v + self.lin_v(v + u.index_select(0, batch))  # [N, 3, F]
         return s, v
 
 
-class GlobalAggregate(nn.Module):
-    """Step 4 (paper eqs. 7-8): per-graph means feed the global entities.
-
-    Means (not sums) keep the model extensive: a supercell has the same means.
-    """
-
-    def __init__(self, F: int) -> None:
-        super().__init__()
-        self.mlp = _mlp(2 * F, F, F, act_out=True)
-        self.lin_v = nn.Linear(F, F, bias=False)
-
-    def forward(self, s, v, g, u, graphs: Reducer):
-        s_mean = graphs.mean(s)  # [B, F]
-        v_mean = graphs.mean(v)  # [B, 3, F]
-        g = g + self.mlp(torch.cat([s_mean, g], dim=-1))
-        u = u + self.lin_v(v_mean + u)
-        return g, u
-
-
 class Message(nn.Module):
-    """Step 2 (paper eqs. 1-2): continuous-filter messages j -> i.
+    """Step 2, local message passing (paper eqs. 1-2), for each edge j -> i:
 
-    Per edge: a gather of phi(s_j) (and of v_j after the first layer, where v = 0), the
-    radial filter, two multiply-adds and an ``index_add`` into the receivers. The 1/sqrt(3)
-    and 1/sqrt(F) factors are folded into phi(s) per atom instead of applied per edge. On
-    CPU with direct forces the whole step runs fused over cache-sized chunks of edges
-    (``_ChunkedMessage``); elsewhere (GPU, energy-gradient forces) as plain tensor ops.
+        [a_ij, b_ij, c_ij] = phi(s_j) * W(rbf(r_ij)) / sqrt(3)   three F-blocks
+        ds_i = sum_j c_ij                                        [N, F]
+        dv_i = sum_j (a_ij * v_j + b_ij (x) e_ij) / sqrt(F)      [N, 3, F]
+
+    phi: Linear(F->F/2), sigma, Linear(F/2->3F); W: Linear(num_rbf->3F). The 1/sqrt(3) and
+    1/sqrt(F) are folded into phi(s), per atom instead of per edge; ``ops.message`` does the
+    gather, filter and sum. ``v=None`` stands for v = 0 (the a_ij * v_j term is skipped).
     """
 
     def __init__(self, F: int, num_rbf: int) -> None:
         super().__init__()
-        self.F = F
         self.phi = _mlp(F, F // 2, 3 * F)
-        self.rbf_proj = nn.Linear(num_rbf, 3 * F)
+        self.rbf_proj = nn.Linear(num_rbf, 3 * F)  # W
         self.inv_sqrt_3 = 1.0 / math.sqrt(3.0)
         self.inv_sqrt_F = 1.0 / math.sqrt(F)
 
-    def forward(self, s, v, rbf, e, src, receivers: Reducer, v_zero: bool = False):
-        N, F = s.shape
-        E = src.shape[0]
+    def forward(self, s, v, edges: ops.Edges):
+        F = s.shape[-1]
         scale = s.new_full((3 * F,), self.inv_sqrt_3 * self.inv_sqrt_F)
         scale[2 * F :] = self.inv_sqrt_3  # a, b carry 1/sqrt(3F); c only 1/sqrt(3)
         phi = self.phi(s) * scale  # [N, 3F]
-        if rbf.chunks is not None:  # CPU: fused over cache-sized chunks of edges
-            return _chunked_message(phi, v, self.rbf_proj.weight, self.rbf_proj.bias, rbf.rbf, e,
-                                    src, receivers.index, rbf.chunks, v_zero)
-        x = phi.index_select(0, src) * self.rbf_proj(rbf.rbf)  # [E, 3F]; rbf: a RadialFilter
-        a, b, c = x.split(F, dim=-1)  # [E, F] each
-        dv = b.unsqueeze(1) * e.unsqueeze(2)  # [E, 3, F]: b_ij (x) e_ij
-        if not v_zero:  # + a_ij * v_j (v = 0 before the first message)
-            v_j = v.reshape(N, 3 * F).index_select(0, src).view(E, 3, F)
-            dv = torch.addcmul(dv, a.unsqueeze(1), v_j)
-        ds = receivers.sum(c)  # [N, F]
-        dv = receivers.sum(dv.view(E, 3 * F)).view(N, 3, F)  # [N, 3, F]
-        return ds, dv
+        return ops.message(phi, v, edges, self.rbf_proj.weight, self.rbf_proj.bias)  # [N, F], [N, 3, F]
 
 
 class Update(nn.Module):
-    """Step 3: local update, NMU (paper eqs. 3-4) or PaiNN's (the Vanilla ablation).
+    """Step 3, local message updating: NMU (paper eqs. 3-4) or PaiNN's (the Vanilla ablation).
 
-    Both read the same MLP of [s || |V|]; only how its three outputs are used differs,
-    so both variants have the same parameter count.
+        [U_i, V_i] = W_u v_i                     W_u: Linear(F->2F), no bias
+        h_i = MLP_u([s_i || |V_i|])              MLP_u: Linear(2F->F), sigma, Linear(F->3F)
+    NMU, [p_i, q_i, t_i] = h_i:
+        s_i <- s_i + q_i / sqrt(2) + s_i * tanh(t_i)
+        v_i <- v_i + p_i * U_i
+    PaiNN, [a_vv, a_sv, a_ss] = h_i:
+        s_i <- s_i + (a_ss + a_sv * <U_i, V_i> / sqrt(F)) / sqrt(2)
+        v_i <- v_i + a_vv * U_i
+
+    |V_i| = sqrt(sum_xyz V^2 + eps): finite gradient at V = 0. Both variants have the same parameters.
     """
 
     def __init__(self, F: int, update: str, norm_eps: float) -> None:
@@ -287,7 +111,7 @@ class Update(nn.Module):
 
     def forward(self, s, v):
         U, V = self.lin_uv(v).split(self.F, dim=-1)  # [N, 3, F] each
-        V_norm = torch.sqrt(V.pow(2).sum(dim=1) + self.norm_eps)  # [N, F]; finite grad at V=0
+        V_norm = torch.sqrt(V.pow(2).sum(dim=1) + self.norm_eps)  # [N, F]
         h = self.mlp(torch.cat([s, V_norm], dim=-1))  # [N, 3F]
         if self.update == "nmu":
             p, q, t = h.split(self.F, dim=-1)
@@ -301,14 +125,39 @@ class Update(nn.Module):
         return s, v
 
 
-class InteractionLayer(nn.Module):
-    """Steps 1-4 of one layer. ``aggregate=False`` for the last layer: nothing reads
-    the global entities after it, and unused parameters would break DDP."""
+class GlobalAggregate(nn.Module):
+    """Step 4, global message aggregating (paper eqs. 7-8), per graph b:
 
-    def __init__(
-        self, F: int, num_rbf: int, update: str, global_messages: bool, norm_eps: float,
-        aggregate: bool = True,
-    ):
+        g_b <- g_b + MLP_a([mean_{i in b} s_i || g_b])    MLP_a like MLP_d
+        u_b <- u_b + W_a (mean_{i in b} v_i + u_b)        W_a: Linear(F->F), no bias
+
+    Means (not sums) keep the model extensive: a supercell has the same means.
+    """
+
+    def __init__(self, F: int) -> None:
+        super().__init__()
+        self.mlp = _mlp(2 * F, F, F, act_out=True)
+        self.lin_v = nn.Linear(F, F, bias=False)
+
+    def forward(self, s, v, g, u, graphs: ops.Reducer):
+        s_mean = graphs.mean(s)  # [N, F] -> [B, F]
+        v_mean = graphs.mean(v)  # [N, 3, F] -> [B, 3, F]
+        g = g + self.mlp(torch.cat([s_mean, g], dim=-1))
+        u = u + self.lin_v(v_mean + u)
+        return g, u
+
+
+class InteractionLayer(nn.Module):
+    """Steps 1-4 of one layer; between steps 2 and 3:
+
+        s_i <- (s_i + ds_i) / sqrt(2);   v_i <- v_i + dv_i
+
+    ``aggregate=False`` for the last layer: nothing reads the globals after it, and unused
+    parameters would break DDP. ``v=None`` stands for v = 0 (the first layer).
+    """
+
+    def __init__(self, F: int, num_rbf: int, update: str, global_messages: bool, norm_eps: float,
+                 aggregate: bool = True) -> None:
         super().__init__()
         self.distribute = GlobalDistribute(F) if global_messages else None
         self.message = Message(F, num_rbf)
@@ -316,15 +165,12 @@ class InteractionLayer(nn.Module):
         self.aggregate = GlobalAggregate(F) if (global_messages and aggregate) else None
         self.inv_sqrt_2 = 1.0 / math.sqrt(2.0)
 
-    def forward(self, s, v, g, u, batch, rbf, e, src, receivers: Reducer, graphs: Reducer,
-                v_zero: bool = False):
-        """``v_zero``: v and u are known to be exactly zero (first layer); the terms they
-        multiply are skipped, which changes no number."""
+    def forward(self, s, v, g, u, batch, edges: ops.Edges, graphs: ops.Reducer):
         if self.distribute is not None:
-            s, v = self.distribute(s, v, g, u, batch, v_zero)
-        ds, dv = self.message(s, v, rbf, e, src, receivers, v_zero)
+            s, v = self.distribute(s, v, g, u, batch)
+        ds, dv = self.message(s, v, edges)
         s = (s + ds) * self.inv_sqrt_2
-        v = v + dv
+        v = dv if v is None else v + dv
         s, v = self.update(s, v)
         if self.aggregate is not None:
             g, u = self.aggregate(s, v, g, u, graphs)
@@ -335,37 +181,28 @@ class InteractionLayer(nn.Module):
 class LEIGNN(nn.Module, GraphModelMixin):
     """LEIGNN energy + force model for fairchem's OCPTrainer.
 
+    Initial state: s_i = Embedding(Z_i), v_i = 0, g_b = one trainable row, u_b = 0; then L
+    ``InteractionLayer``s and the readout (paper eq. 9):
+
+        E = sum_i MLP_E(s_i)     MLP_E: Linear(F->F/2), sigma, Linear(F/2->1)     [B]
+        F_i = W_F v_i            W_F: Linear(F->1), no bias                       [N, 3]
+
     Switches (all YAML-visible): ``update`` = "nmu" | "painn" and ``global_messages``
     give LEIGNN (nmu, true), Vanilla+NMU (nmu, false) and Vanilla (painn, false);
     ``direct_forces`` picks the vector-feature force head (paper) or -dE/dx (conservative).
-    ``zero_init_energy`` starts the energy readout's last layer at zero: the energy is a sum of
-    per-atom terms, so random readout weights put an initial error of order N x (normalised
-    energy) on every structure, which a short run spends its steps removing (measured on the
-    embedded data, 150 steps: energy MAE 13.3 eV -> 0.42 eV, force MAE 330 -> 266 meV/A).
+    ``zero_init_energy`` starts MLP_E's last layer at zero, so every structure's initial
+    energy is the normaliser's mean (why: ``docs/notes/model.md``).
+    ``chunked_messages``: on CPU with direct forces (no gradient on positions) the message step
+    runs as ``ops.message``'s fused, chunked kernel; False (or GPU): plain tensor ops, same numbers.
     """
 
-    chunked_messages = True  # CPU: _ChunkedMessage (False: the plain per-edge tensors)
-
     def __init__(
-        self,
-        hidden_channels: int = 512,
-        num_layers: int = 4,
-        num_rbf: int = 128,
-        cutoff: float = 6.0,
-        max_neighbors: int = 20,
-        rbf: dict | None = None,
-        envelope: dict | None = None,
-        update: str = "nmu",
-        global_messages: bool = True,
-        direct_forces: bool = True,
-        regress_forces: bool = True,
-        use_pbc: bool = True,
-        use_pbc_single: bool = False,
-        otf_graph: bool = True,
-        enforce_max_neighbors_strictly: bool = True,
-        num_elements: int = 118,
-        norm_eps: float = 1e-8,
-        zero_init_energy: bool = True,
+        self, hidden_channels: int = 512, num_layers: int = 4, num_rbf: int = 128, cutoff: float = 6.0,
+        max_neighbors: int = 20, rbf: dict | None = None, envelope: dict | None = None,
+        update: str = "nmu", global_messages: bool = True, direct_forces: bool = True,
+        regress_forces: bool = True, use_pbc: bool = True, use_pbc_single: bool = False,
+        otf_graph: bool = True, enforce_max_neighbors_strictly: bool = True, num_elements: int = 118,
+        norm_eps: float = 1e-8, zero_init_energy: bool = True, chunked_messages: bool = True,
     ) -> None:
         super().__init__()
         if update not in UPDATES:
@@ -387,23 +224,21 @@ class LEIGNN(nn.Module, GraphModelMixin):
         self.enforce_max_neighbors_strictly = enforce_max_neighbors_strictly
         self.num_elements = num_elements
         self.zero_init_energy = zero_init_energy
+        self.chunked_messages = chunked_messages
 
         F = hidden_channels
         self.atom_emb = AtomEmbedding(F, num_elements)
-        self.radial_basis = RadialBasis(
-            num_radial=num_rbf,
-            cutoff=cutoff,
-            rbf=rbf or {"name": "gaussian"},
-            envelope=envelope or {"name": "polynomial", "exponent": 5},
-        )
-        # one trainable row, copied for every graph; u starts at zero
+        self.radial_basis = RadialBasis(  # rbf(r): Gaussians on r / r_c times a smooth envelope
+            num_radial=num_rbf, cutoff=cutoff, rbf=rbf or {"name": "gaussian"},
+            envelope=envelope or {"name": "polynomial", "exponent": 5})
+        # g_b: one trainable row, copied for every graph; u starts at zero
         self.global_emb = nn.Parameter(torch.randn(1, F)) if global_messages else None
         self.layers = nn.ModuleList(
             InteractionLayer(F, num_rbf, update, global_messages, norm_eps, aggregate=k < num_layers - 1)
             for k in range(num_layers)
         )
-        self.out_energy = _mlp(F, F // 2, 1)
-        self.out_forces = nn.Linear(F, 1, bias=False) if (regress_forces and direct_forces) else None
+        self.out_energy = _mlp(F, F // 2, 1)  # MLP_E
+        self.out_forces = nn.Linear(F, 1, bias=False) if (regress_forces and direct_forces) else None  # W_F
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -482,35 +317,26 @@ class LEIGNN(nn.Module, GraphModelMixin):
         z = data.atomic_numbers.long()
 
         src, dst, dist, vec = self._graph(data)  # j (sender), i (receiver), [E], [E, 3]
-        N = z.shape[0]
-        # CPU with direct forces: the fused, chunked message (see RadialFilter), with the
-        # edges sorted by distance (the order of edges changes no sum but round-off).
-        chunked = self.chunked_messages and pos.device.type == "cpu" and not pos.requires_grad
-        if chunked:
-            order = torch.argsort(dist, stable=True)
-            src, dst, dist, vec = src[order], dst[order], dist[order], vec[order]
-        receivers = Reducer(dst, N)  # edges -> atoms
-        graphs = Reducer(batch, B, data.natoms)  # atoms -> graphs
         # fairchem's distance vector is p_j - p_i (+ image offset); e_ij points from j to i
         e = -vec / dist.unsqueeze(-1)  # [E, 3]
-        rbf = RadialFilter(self.radial_basis(dist), chunked)  # [E, num_rbf], envelope applied
+        chunked = self.chunked_messages and pos.device.type == "cpu" and not pos.requires_grad
+        edges = ops.edges(src, dst, e, self.radial_basis(dist), dist, chunked)  # rbf: [E, num_rbf]
+        graphs = ops.Reducer(batch, B, data.natoms)  # atoms -> graphs
 
         s = self.atom_emb(z)  # [N, F]
-        F = s.shape[-1]
-        v = s.new_zeros(N, 3, F)  # [N, 3, F]
+        v = None  # v = 0 [N, 3, F]: None lets the first layer skip the products with it
         if self.global_emb is not None:
-            g = self.global_emb.to(s.dtype).expand(B, F)  # [B, F]
-            u = s.new_zeros(B, 3, F)  # [B, 3, F]
+            g = self.global_emb.to(s.dtype).expand(B, -1)  # [B, F]
+            u = s.new_zeros(B, 3, s.shape[-1])  # [B, 3, F]
         else:
             g = u = None
-
-        for k, layer in enumerate(self.layers):
-            s, v, g, u = layer(s, v, g, u, batch, rbf, e, src, receivers, graphs, v_zero=k == 0)
+        for layer in self.layers:
+            s, v, g, u = layer(s, v, g, u, batch, edges, graphs)
 
         # Readout heads in the features' own precision even under autocast (mixed precision):
         # the energy is a sum of many per-atom terms and the forces are the targets.
         with torch.autocast(device_type=pos.device.type, enabled=False):
-            s, v = _full(s), _full(v)
+            s, v = ops.full_precision(s), ops.full_precision(v)
             energy = graphs.sum(self.out_energy(s).squeeze(-1))  # [B]
             forces = self.out_forces(v).squeeze(-1) if self.out_forces is not None else None  # [N, 3]
         out = {"energy": energy}

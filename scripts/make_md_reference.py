@@ -1,22 +1,14 @@
 #!/usr/bin/env python
-"""Reference MD systems (ethanol / GFN2-xTB, liquid Cu / EMT) and their S2EF LMDBs.
-
-Thin CLI over :mod:`leignn_ocp.md.reference`; see its docstring, or ``--help``::
+"""Reference MD systems and their S2EF LMDBs: the old spelling of ``leignn-md-reference``.
 
     python scripts/make_md_reference.py --system all --out data/md
+
+Everything lives in :mod:`leignn_ocp.md.reference` (``leignn-md-reference --help``).
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-try:  # tblite must load its OpenMP runtime before torch does (torch's libgomp lacks GOMP_5.0)
-    import tblite.ase  # noqa: F401
-except ImportError:
-    pass
-
-from leignn_ocp.md.reference import main  # noqa: E402
+from leignn_ocp.md.reference import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

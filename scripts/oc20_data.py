@@ -1,169 +1,17 @@
 #!/usr/bin/env python
-"""The real OC20 S2EF data: download + preprocess with fairchem's own scripts, and the paper's splits.
+"""The real OC20 S2EF data (download, paper splits, split, sizes, check): the old spelling of
+``leignn-oc20-data``.
 
-  download  fairchem's download_data.py (wget, uncompress, preprocess_ef with reference energies
-            subtracted, i.e. OC20's adsorption-energy targets) into OC20's layout under --data-path:
-              data/s2ef/{200k,2M,all}/train     data/s2ef/all/val_{id,ood_ads,ood_cat,ood_both}
-            then metadata.npz with fairchem's make_lmdb_sizes (load balancing, max_atoms).
-              python scripts/oc20_data.py download --split 200k --split val --num-workers 8
-  paper     the LEIGNN paper's splits of S2EF-200K (deterministic for --seed):
-              data/s2ef/200k_split/{train,val}   8:2 train / internal validation (160K / 40K)
-              data/s2ef/50k/{train,val}          the 25 % subset (50K) split 8:2 (40K / 10K)
-              python scripts/oc20_data.py paper --src data/s2ef/200k/train --data-path data
-  split     the same on any fairchem S2EF LMDB folder (e.g. the generated data/default/s2ef/train)
-              python scripts/oc20_data.py split --src DIR --out OUT [--val-frac 0.2] [--subset-frac 0.25]
-  check     validate LMDB folders before training (clear error on missing/empty/corrupt/unlabelled)
-              python scripts/oc20_data.py check data/s2ef/all/val_id ...
+    python scripts/oc20_data.py download --split 200k --split val --num-workers 8
+    python scripts/oc20_data.py paper --src data/s2ef/200k/train --data-path data
+    python scripts/oc20_data.py --help                            # every subcommand
 
-Needs internet for `download` only (dl.fbaipublicfiles.com); S2EF-200K is ~1.7 GB compressed.
+The code lives in leignn_ocp/data/oc20.py.
 """
 
-from __future__ import annotations
-
-import argparse
-import subprocess
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-VAL_SPLITS = ("val_id", "val_ood_ads", "val_ood_cat", "val_ood_both")
-TRAIN_SPLITS = ("200k", "2M", "20M", "all")
-
-
-def _fairchem_script(name: str) -> Path:
-    import fairchem.core.scripts as scripts
-
-    path = Path(scripts.__file__).parent / name
-    if not path.is_file():
-        raise FileNotFoundError(f"fairchem script {path} not found (is fairchem-core 1.x installed?)")
-    return path
-
-
-def output_dir(data_path: Path, split: str) -> Path:
-    """Where fairchem's download_data.py puts a split (OC20 layout used by configs/s2ef/*)."""
-    return data_path / "s2ef" / (split if split in TRAIN_SPLITS else "all") / ("train" if split in TRAIN_SPLITS else split)
-
-
-def cmd_download(a) -> int:
-    splits: list[str] = []
-    for s in a.split:
-        splits += list(VAL_SPLITS) if s == "val" else [s]
-    data_path = Path(a.data_path).resolve()
-    for split in splits:
-        cmd = [sys.executable, str(_fairchem_script("download_data.py")), "--task", "s2ef", "--split", split,
-               "--num-workers", str(a.num_workers), "--data-path", str(data_path)]
-        if not a.no_ref_energy:
-            cmd.append("--ref-energy")
-        if a.get_edges:
-            cmd.append("--get-edges")
-        if a.keep:
-            cmd.append("--keep")
-        print("[oc20_data]", " ".join(cmd), flush=True)
-        if not a.dry_run:
-            # download_data.py imports its sibling scripts (uncompress, preprocess_ef) as top-level
-            # modules, so it must run as a file; it wgets into --data-path and verifies the count
-            subprocess.run(cmd, check=True)
-        cmd_sizes(argparse.Namespace(paths=[str(output_dir(data_path, split))], num_workers=a.num_workers,
-                                     dry_run=a.dry_run))
-    return 0
-
-
-def cmd_sizes(a) -> int:
-    for p in a.paths:
-        cmd = [sys.executable, str(_fairchem_script("make_lmdb_sizes.py")), "--data-path", p,
-               "--num-workers", str(a.num_workers)]
-        print("[oc20_data]", " ".join(cmd), flush=True)
-        if not a.dry_run:
-            subprocess.run(cmd, check=True)
-    return 0
-
-
-def cmd_split(a) -> int:
-    from leignn_ocp.data.splits import split_lmdb
-
-    fr = (1.0 - a.val_frac, a.val_frac)
-    counts = split_lmdb(a.src, a.out, ("train", "val"), fr, seed=a.seed, subset_frac=a.subset_frac,
-                        overwrite=a.force)
-    print(f"[oc20_data] {a.src} -> {a.out}: {counts}")
-    return 0
-
-
-def cmd_paper(a) -> int:
-    from leignn_ocp.data.splits import split_lmdb
-
-    root = Path(a.data_path) / "s2ef"
-    for out, subset in ((root / "200k_split", None), (root / "50k", 0.25)):
-        counts = split_lmdb(a.src, out, ("train", "val"), (0.8, 0.2), seed=a.seed, subset_frac=subset,
-                            overwrite=a.force)
-        print(f"[oc20_data] {a.src} -> {out}: {counts}")
-    return 0
-
-
-def cmd_check(a) -> int:
-    from leignn_ocp.data.lmdb_io import LmdbValidationError, validate_lmdb
-
-    bad = 0
-    for p in a.paths:
-        try:
-            n = validate_lmdb(p, required=tuple(a.required), max_check=None if a.full else 256)
-            print(f"[oc20_data] ok  {p}: {n} structures")
-        except LmdbValidationError as exc:
-            print(f"[oc20_data] BAD {exc}", file=sys.stderr)
-            bad += 1
-    return 1 if bad else 0
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-
-    d = sub.add_parser("download", help="fairchem download_data.py + make_lmdb_sizes")
-    d.add_argument("--split", action="append", required=True,
-                   choices=[*TRAIN_SPLITS, *VAL_SPLITS, "val"], help="repeatable; 'val' = the four val splits")
-    d.add_argument("--data-path", default="data")
-    d.add_argument("--num-workers", type=int, default=1)
-    d.add_argument("--no-ref-energy", action="store_true", help="keep total energies (OC20 S2EF uses referenced)")
-    d.add_argument("--get-edges", action="store_true")
-    d.add_argument("--keep", action="store_true", help="keep the downloaded archives")
-    d.add_argument("--dry-run", action="store_true", help="print the commands only")
-    d.set_defaults(func=cmd_download)
-
-    z = sub.add_parser("sizes", help="metadata.npz with fairchem's make_lmdb_sizes")
-    z.add_argument("paths", nargs="+")
-    z.add_argument("--num-workers", type=int, default=1)
-    z.add_argument("--dry-run", action="store_true")
-    z.set_defaults(func=cmd_sizes)
-
-    s = sub.add_parser("split", help="seeded train/val split (optionally of a subset) of an LMDB folder")
-    s.add_argument("--src", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--val-frac", type=float, default=0.2)
-    s.add_argument("--subset-frac", type=float, default=None)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--force", action="store_true", help="replace --out if it exists")
-    s.set_defaults(func=cmd_split)
-
-    q = sub.add_parser("paper", help="200k_split/{train,val} (8:2) and 50k/{train,val} (25 %% subset, 8:2)")
-    q.add_argument("--src", default="data/s2ef/200k/train")
-    q.add_argument("--data-path", default="data")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--force", action="store_true")
-    q.set_defaults(func=cmd_paper)
-
-    c = sub.add_parser("check", help="validate LMDB folders")
-    c.add_argument("paths", nargs="+")
-    c.add_argument("--required", nargs="*", default=["energy", "forces"])
-    c.add_argument("--full", action="store_true", help="check every record, not the first 256 per file")
-    c.set_defaults(func=cmd_check)
-
-    a = p.parse_args(argv)
-    try:
-        return a.func(a)
-    except (ValueError, FileExistsError, FileNotFoundError) as exc:
-        print(f"[oc20_data] error: {exc}", file=sys.stderr)
-        return 2
-
+from leignn_ocp.data.oc20 import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,4 +20,5 @@ echo "[main] training: fairchem --mode train --config-yml $CONFIG --cpu --run-di
 CKPT=$(ls -t "$RUN_DIR"/checkpoints/*/best_checkpoint.pt 2>/dev/null | head -n 1 || true)
 [[ -n "$CKPT" ]] || CKPT=$(ls -t "$RUN_DIR"/checkpoints/*/checkpoint.pt | head -n 1)
 echo "[main] evaluating $CKPT on val_id, val_ood_ads, val_ood_cat, val_ood_both"
-"$PY" scripts/evaluate.py --checkpoint "$CKPT" --data data/default/s2ef --out results/default
+"$VENV/bin/leignn-evaluate" --checkpoint "$CKPT" --data data/default/s2ef --out results/default
+

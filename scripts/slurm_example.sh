@@ -34,8 +34,8 @@ ARGS=(--mode train --config-yml "$CONFIG" --submit
 [[ -n "${QOS:-}" ]] && ARGS+=(--slurm-qos "$QOS")
 [[ -n "${SWEEP:-}" ]] && ARGS+=(--sweep-yml configs/sweeps/ablations.yml)
 
-# `python -m leignn_ocp.cluster` = the `fairchem` CLI (same flags, same code) with the fixes of
-# leignn_ocp/cluster.py: --sweep-yml on Python >= 3.10, step-boundary preemption, atomic checkpoints.
-# Plain `"$ROOT/.venv/bin/fairchem" "${ARGS[@]}"` also works, without --sweep-yml.
+# `python -m leignn_ocp.launch` (= `leignn-launch`) is the `fairchem` CLI (same flags, same code) with
+# the fixes of leignn_ocp/launch/: --sweep-yml on Python >= 3.10, step-boundary preemption, atomic
+# checkpoints. Plain `"$ROOT/.venv/bin/fairchem" "${ARGS[@]}"` also works, without --sweep-yml.
 set -x
-exec "$PY" -m leignn_ocp.cluster "${ARGS[@]}" "$@"
+exec "$PY" -m leignn_ocp.launch "${ARGS[@]}" "$@"

@@ -1,32 +1,36 @@
-"""The efficiency benchmark (scripts/benchmark_efficiency.py) runs end to end and writes parseable
-outputs; torch.compile'd LEIGNN inference gives eager's numbers. No timing is asserted: timings
-depend on the machine."""
+"""The efficiency benchmark (leignn_ocp.benchmark, ``leignn-benchmark``) runs end to end and writes
+parseable outputs; its training step is the recipe's fairchem loss and optimizer; torch.compile'd
+LEIGNN inference gives eager's numbers. No timing is asserted: timings depend on the machine."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from leignn_ocp import bench
-from leignn_ocp.batching import atoms_to_batch
+from leignn_ocp import lineup
+from leignn_ocp.benchmark import DEFAULT_MODELS, Runner, load_recipe, make_batch, oc20_like_structures
+from leignn_ocp.benchmark.cli import main
 from leignn_ocp.model import LEIGNN
 
-from conftest import REPO, cli_env
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("efficiency")
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "benchmark_efficiency.py"), "--tiny", "--out", str(out)],
-        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "leignn_ocp.benchmark", "--tiny", "--out", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
@@ -39,7 +43,8 @@ def _finite(x: str) -> bool:
 def test_tiny_benchmark_csv_has_every_model_with_finite_numbers(tiny_run):
     with open(tiny_run / "benchmark.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["model"] for r in rows] == list(bench.MODELS)
+    assert [r["model"] for r in rows] == list(DEFAULT_MODELS)
+    assert sorted(DEFAULT_MODELS) == sorted(lineup.KEYS)  # every line-up entry is benchmarked
     numeric = ["params", "edges", "gflop_fwd", "gflop_train", "train_ms", "infer_ms", "train_atoms_per_s",
                "infer_atoms_per_s", "peak_mem_train_mb", "peak_mem_infer_mb", "train_x_leignn", "infer_x_leignn",
                "train_cpu_ms", "infer_cpu_ms", "train_cpu_x_leignn", "infer_cpu_x_leignn"]
@@ -49,13 +54,14 @@ def test_tiny_benchmark_csv_has_every_model_with_finite_numbers(tiny_run):
         assert int(r["params"]) > 0 and int(r["edges"]) > 0
         assert float(r["train_ms"]) > 0 and float(r["infer_ms"]) > 0
     leignn = rows[0]
+    assert leignn["model"] == "leignn"
     assert float(leignn["train_x_leignn"]) == 1.0 and float(leignn["infer_x_leignn"]) == 1.0
 
 
 def test_tiny_benchmark_markdown_json_and_figure(tiny_run):
     md = (tiny_run / "benchmark.md").read_text()
-    for spec in bench.MODELS.values():
-        assert f"| {spec[1]} |" in md
+    for entry in lineup.ENTRIES:
+        assert f"| {entry.label} |" in md
     assert "% of the matmul rate" in md
     meta = json.loads((tiny_run / "benchmark.json").read_text())["meta"]
     assert meta["tiny"] is True and meta["matmul_gflops"] > 0
@@ -64,15 +70,65 @@ def test_tiny_benchmark_markdown_json_and_figure(tiny_run):
     assert len(png) > 1000 and png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.slow  # ~30 s: inductor compiles the graph pieces on CPU
+def test_missing_config_dir_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--tiny", "--config-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "--config-dir" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="leignn.yml"):
+        load_recipe("leignn", tmp_path)
+
+
+def test_train_step_uses_the_recipes_fairchem_loss_and_optimizer():
+    """LEIGNN's recipe: L1 energy (x1) + L1 force components of free atoms (x50), on targets
+    normalised as the config's normalizer says; AdamW(amsgrad) where fairchem 1.10 ignores
+    ``optim.weight_decay: 0`` and keeps AdamW's 0.01."""
+    recipe = load_recipe("leignn", REPO / "configs" / "s2ef" / "200k", tiny=True)
+    batch = make_batch(oc20_like_structures(2, tiny=True))
+    runner = Runner.build(recipe, batch, torch.device("cpu"))
+    free = batch.fixed == 0
+    assert 0 < int(free.sum()) < free.numel()  # some atoms fixed, so the mask matters
+    norm = recipe.config["dataset"]["train"]["transforms"]["normalizer"]
+    out = runner.model(runner.fresh_batch())
+    e_t = (runner.targets["energy"] - norm["energy"]["mean"]) / norm["energy"]["rmsd"]
+    f_t = (runner.targets["forces"] - norm["forces"]["mean"]) / norm["forces"]["rmsd"]
+    expected = ((out["energy"] - e_t).abs().mean()
+                + 50 * (out["forces"][free] - f_t[free]).abs().mean())
+    torch.testing.assert_close(runner.loss(out, batch), expected)
+    group = runner.optimizer.param_groups[0]
+    assert isinstance(runner.optimizer, torch.optim.AdamW)
+    assert group["amsgrad"] is True and group["lr"] == pytest.approx(2e-4)
+    assert group["weight_decay"] == pytest.approx(0.01)
+    before = [p.detach().clone() for p in runner.model.parameters()]
+    assert math.isfinite(runner.train_step())
+    assert any(not torch.equal(a, p) for a, p in zip(before, runner.model.parameters()))
+
+
+def test_chunked_cpu_inference_matches_the_plain_path():
+    """The benchmark times LEIGNN's chunked CPU message path; constructor overrides reach the
+    model, and the plain per-edge path (``chunked_messages=False``) gives the same outputs."""
+    config_dir = REPO / "configs" / "s2ef" / "200k"
+    batch = make_batch(oc20_like_structures(2, tiny=True))
+    nonzero = {"zero_init_energy": False}  # a non-trivial energy from the start
+    fast = Runner.build(load_recipe("leignn", config_dir, tiny=True, overrides=nonzero), batch, torch.device("cpu"))
+    plain = Runner.build(load_recipe("leignn", config_dir, tiny=True, overrides={**nonzero, "chunked_messages": False}),
+                         batch, torch.device("cpu"))
+    assert fast.model.chunked_messages is True and plain.model.chunked_messages is False
+    plain.model.load_state_dict(fast.model.state_dict())
+    ref, out = plain.infer(), fast.infer()
+    assert ref["energy"].abs().max() > 1e-6 and ref["forces"].abs().max() > 1e-6
+    torch.testing.assert_close(out["energy"], ref["energy"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["forces"], ref["forces"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # ~30-80 s: inductor compiles the graph pieces on CPU
 def test_compiled_inference_equals_eager():
     """torch.compile (inductor, dynamic shapes) of a small LEIGNN under torch.no_grad: the same
     energies and direct forces as eager, on a periodic batch of two structures."""
     torch.manual_seed(0)
     model = LEIGNN(hidden_channels=16, num_layers=2, num_rbf=32, cutoff=6.0, max_neighbors=20,
                    zero_init_energy=False).eval()
-    atoms = bench.oc20_like_structures(2, tiny=True)
-    data = atoms_to_batch(atoms, torch.float32)
+    data = make_batch(oc20_like_structures(2, tiny=True))
     compiled = torch.compile(model, dynamic=True)
     t0 = time.perf_counter()
     with torch.no_grad():

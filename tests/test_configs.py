@@ -1,5 +1,6 @@
-"""Every config under configs/s2ef loads with fairchem's loader and builds its model; the LEIGNN
-variants have the parameter counts the spec's equations imply for their switches."""
+"""Every leaf under configs/s2ef loads with fairchem's loader and builds its model; the LEIGNN
+variants have the parameter counts the spec's equations imply for their switches; the layout
+holds each recipe once and resolves the same from any working directory."""
 
 from __future__ import annotations
 
@@ -7,49 +8,46 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
+import yaml
 
-from fairchem.core.common.registry import registry
-from fairchem.core.common.utils import load_config, setup_imports
-
-import leignn_ocp  # noqa: F401
+from leignn_ocp import lineup
+from leignn_ocp.lineup import KEYS, SIZES, VARIANTS
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs" / "s2ef").rglob("*.yml"))
-SIZES = ["50k", "200k", "2M", "all", "default"]
-MODELS = ["leignn", "vanilla", "vanilla_nmu", "schnet", "dimenet_plus_plus", "painn", "painn_direct", "gemnet_dt"]
-_BUILT: dict[str, torch.nn.Module] = {}
+S2EF = REPO / "configs" / "s2ef"
+# what fairchem is pointed at: the base and the leaves of each size (models/ and the shared
+# fragments are pieces of a config, not configs)
+CONFIGS = sorted(p for size in SIZES for p in (S2EF / size).glob("*.yml"))
+_BUILT: dict[str, object] = {}
 
 
 def _load(path: Path) -> dict:
-    config, dup_warning, dup_error = load_config(str(path))
-    assert not dup_error, f"{path}: conflicting keys between includes: {dup_error}"
-    return config
+    """fairchem's load_config; lineup raises on keys set by two included files (dup_error)."""
+    return lineup.load_config(path)
 
 
-def _build(model_cfg: dict) -> torch.nn.Module:
+def _build(model_cfg: dict):
     """Build (once per distinct model block) on CPU, as fairchem's trainer does."""
     key = json.dumps(model_cfg, sort_keys=True)
     if key not in _BUILT:
-        setup_imports()
-        kwargs = dict(model_cfg)
-        cls = registry.get_model_class(kwargs.pop("name"))
-        torch.manual_seed(0)
-        _BUILT[key] = cls(**kwargs)
+        _BUILT[key] = lineup.build_model(model_cfg, seed=0)
     return _BUILT[key]
 
 
-def _n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def _raw(path: Path) -> dict:
+    """A file's own content, includes not merged."""
+    return yaml.safe_load(path.read_text()) or {}
 
 
 def test_every_size_has_the_full_lineup():
     for size in SIZES:
-        for name in ["base", *MODELS]:
-            assert (REPO / "configs/s2ef" / size / f"{name}.yml").is_file(), f"missing {size}/{name}.yml"
+        for name in ["base", *KEYS]:
+            assert (S2EF / size / f"{name}.yml").is_file(), f"missing {size}/{name}.yml"
+    for key in KEYS:
+        assert (S2EF / "models" / f"{key}.yml").is_file(), f"missing models/{key}.yml"
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(REPO / "configs" / "s2ef")) for p in CONFIGS])
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(S2EF)) for p in CONFIGS])
 def test_config_loads_and_builds(path):
     config = _load(path)
     assert config["trainer"] == "ocp"
@@ -67,25 +65,33 @@ def test_config_loads_and_builds(path):
     assert {next(iter(d)) for d in config["loss_functions"]} == {"energy", "forces"}
     assert config["optim"]["max_epochs"] > 0
     model = _build(config["model"])
-    assert _n_params(model) > 0
+    assert lineup.count_params(model) > 0
+
+
+def test_variants_are_the_papers_switches():
+    assert VARIANTS == {
+        "leignn": {"update": "nmu", "global_messages": True},
+        "vanilla": {"update": "painn", "global_messages": False},
+        "vanilla_nmu": {"update": "nmu", "global_messages": False},
+    }
 
 
 @pytest.mark.parametrize("size", SIZES)
 def test_ablations_differ_from_leignn_only_in_the_two_switches(size):
-    d = REPO / "configs/s2ef" / size
+    d = S2EF / size
     ref = _load(d / "leignn.yml")
     assert ref["model"]["update"] == "nmu" and ref["model"]["global_messages"] is True
-    for name, switches in {"vanilla": ("painn", False), "vanilla_nmu": ("nmu", False)}.items():
+    for name, switches in VARIANTS.items():
         cfg = _load(d / f"{name}.yml")
-        assert (cfg["model"]["update"], cfg["model"]["global_messages"]) == switches
-        for key in ("update", "global_messages"):
+        assert {k: cfg["model"][k] for k in switches} == switches
+        for key in switches:
             cfg["model"][key] = ref["model"][key]
         assert cfg == ref, f"{size}/{name}.yml differs from leignn.yml beyond update/global_messages"
 
 
 def test_painn_direct_differs_from_painn_only_in_force_head():
     for size in SIZES:
-        d = REPO / "configs/s2ef" / size
+        d = S2EF / size
         a, b = _load(d / "painn.yml"), _load(d / "painn_direct.yml")
         assert a["model"]["direct_forces"] is False and b["model"]["direct_forces"] is True
         b["model"]["direct_forces"] = False
@@ -93,7 +99,7 @@ def test_painn_direct_differs_from_painn_only_in_force_head():
 
 
 def test_main_config_is_the_papers_recipe():
-    c = _load(REPO / "configs/s2ef/200k/leignn.yml")
+    c = _load(S2EF / "200k/leignn.yml")
     m, o = c["model"], c["optim"]
     assert m["name"] == "leignn_ocp.LEIGNN"
     assert (m["hidden_channels"], m["num_layers"], m["num_rbf"], m["cutoff"], m["max_neighbors"]) == (512, 4, 128, 6.0, 20)
@@ -104,9 +110,92 @@ def test_main_config_is_the_papers_recipe():
     assert (o["scheduler"], o["mode"], o["factor"], o["patience"], o["min_lr"]) == ("ReduceLROnPlateau", "min", 0.8, 5, 1e-6)
     assert c["dataset"]["train"]["src"] == "data/s2ef/200k_split/train"
     assert c["dataset"]["val"]["src"] == "data/s2ef/200k_split/val"
-    assert "test" not in c["dataset"]  # the four OC20 val splits are scored by scripts/evaluate.py
-    c50 = _load(REPO / "configs/s2ef/50k/leignn.yml")
+    assert "test" not in c["dataset"]  # the four OC20 val splits are scored by leignn-evaluate
+    c50 = _load(S2EF / "50k/leignn.yml")
     assert c50["dataset"]["train"]["src"] == "data/s2ef/50k/train" and c50["dataset"]["val"]["src"] == "data/s2ef/50k/val"
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def test_model_recipes_live_in_models():
+    """Each OC20 leaf takes its recipe from models/<key>.yml and sets at most a few per-size
+    overrides; no two leaves of different sizes repeat a model, loss or optim block."""
+    for size in SIZES:
+        if size == "default":
+            continue
+        for key in KEYS:
+            raw = _raw(S2EF / size / f"{key}.yml")
+            assert raw["includes"] == [f"../../s2ef/{size}/base.yml", f"../../s2ef/models/{key}.yml"], f"{size}/{key}.yml"
+            assert "name" not in raw.get("model", {}), f"{size}/{key}.yml defines a model instead of including one"
+    for key in KEYS:
+        seen: dict[str, str] = {}
+        for size in SIZES:
+            raw = _raw(S2EF / size / f"{key}.yml")
+            for section in ("model", "loss_functions", "optim"):
+                if raw.get(section):
+                    block = f"{section}: {json.dumps(raw[section], sort_keys=True)}"
+                    assert block not in seen, f"{size}/{key}.yml repeats {seen.get(block)}/{key}.yml's {section}"
+                    seen[block] = size
+
+
+def test_no_two_files_differ_only_in_data_paths_or_comments():
+    """Files are compared by what they set, with data paths blanked and includes resolved to the
+    files they name (two leaves that only point at different bases are pointers, not copies)."""
+
+    def signature(path: Path) -> str:
+        raw = _raw(path)
+        raw["includes"] = sorted(str((path.parent / i).resolve()) for i in raw.get("includes", []))
+        for split in raw.get("dataset", {}).values():
+            if isinstance(split, dict) and "src" in split:
+                split["src"] = "<path>"
+        return json.dumps(raw, sort_keys=True)
+
+    files = sorted(S2EF.rglob("*.yml"))
+    seen: dict[str, Path] = {}
+    for path in files:
+        sig = signature(path)
+        assert sig not in seen, f"{path.relative_to(S2EF)} repeats {seen[sig].relative_to(S2EF)}"
+        seen[sig] = path
+
+
+def test_includes_resolve_the_same_from_any_working_directory(monkeypatch, tmp_path):
+    """fairchem 1.10 looks an include up relative to the working directory FIRST, then to the
+    including file's folder: decoys named like our fragments around the cwd must not be picked up.
+    Every include is therefore spelled ../../s2ef/<path under configs/s2ef>."""
+    for path in sorted(S2EF.rglob("*.yml")):
+        for inc in _raw(path).get("includes", []):
+            assert inc.startswith("../../s2ef/"), f"{path.relative_to(S2EF)}: include {inc!r}"
+    monkeypatch.chdir(REPO)
+    from_root = {p: _load(p.relative_to(REPO)) for p in CONFIGS}  # as `--config-yml configs/s2ef/...`
+    cwd = tmp_path / "a" / "cwd"
+    for folder in (cwd, cwd.parent, tmp_path):
+        for name in ("base.yml", "common.yml", "oc20.yml", "leignn.yml", "painn.yml",
+                     "models/leignn.yml", "models/painn.yml", "200k/base.yml", "default/base.yml"):
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text("trainer: decoy\ndecoy: true\n")
+    monkeypatch.chdir(cwd)
+    for path, want in from_root.items():
+        assert _load(path) == want, f"{path.relative_to(REPO)} resolves differently outside the repository"
+
+
+def test_fairchem_cli_builds_the_config_from_another_directory(monkeypatch, tmp_path):
+    """The exact path `fairchem --mode train --config-yml /abs/.../200k/leignn.yml` takes."""
+    from fairchem.core.common.flags import flags
+    from fairchem.core.common.utils import build_config
+
+    monkeypatch.chdir(tmp_path)
+    leaf = S2EF / "200k" / "leignn.yml"
+    args, override = flags.get_parser().parse_known_args(
+        ["--mode", "train", "--config-yml", str(leaf), "--cpu", "--optim.max_epochs=1"]
+    )
+    config = build_config(args, override)
+    assert config["model"]["name"] == "leignn_ocp.LEIGNN" and config["optim"]["max_epochs"] == 1
+    assert config["dataset"]["train"]["src"] == "data/s2ef/200k_split/train"
+    assert config["optim"]["eval_every"] == 5000 and config["optim"]["lr_initial"] == 2e-4
+
+
+# --------------------------------------------------------------------------- parameter counts
 
 
 def expected_leignn_params(F: int, L: int, R: int, update: str, global_messages: bool, n_elem: int = 118) -> int:
@@ -125,11 +214,11 @@ def expected_leignn_params(F: int, L: int, R: int, update: str, global_messages:
 
 @pytest.mark.parametrize("size", ["default", "200k"])
 def test_leignn_variants_parameter_counts(size):
-    d = REPO / "configs/s2ef" / size
+    d = S2EF / size
     counts = {}
-    for name in ("leignn", "vanilla", "vanilla_nmu"):
+    for name in VARIANTS:
         m = _load(d / f"{name}.yml")["model"]
-        got = _n_params(_build(m))
+        got = lineup.count_params(_build(m))
         want = expected_leignn_params(m["hidden_channels"], m["num_layers"], m["num_rbf"], m["update"], m["global_messages"])
         assert got == want, f"{size}/{name}: {got} parameters, the spec implies {want}"
         counts[name] = got

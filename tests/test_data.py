@@ -7,7 +7,9 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
 import sys
+import warnings
 from argparse import Namespace
 from pathlib import Path
 
@@ -17,12 +19,15 @@ import pytest
 import torch
 from torch_geometric.data import Data
 
-from leignn_ocp.data import LmdbValidationError, validate_lmdb, write_lmdb_dir
+from leignn_ocp.data import LmdbValidationError, oc20, validate_lmdb, write_lmdb_dir
+from leignn_ocp.data.cli import generate_main
 from leignn_ocp.data.generate import SPLITS, GenConfig, check_splits, existing_matches, generate, partition
 from leignn_ocp.data.lmdb_io import atomic_dir
 from leignn_ocp.data.splits import split_indices, split_lmdb
 
 REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 # tiny but complete: 5 splits, one facet, short relaxations (~10 s)
 TINY = dict(seed=0, train_systems=4, val_systems=1, frames_per_system=4, rattled_per_system=1,
@@ -31,10 +36,24 @@ TINY_ARGS = ["--seed", "0", "--train-systems", "4", "--val-systems", "1", "--fra
              "--rattled-per-system", "1", "--max-steps", "12", "--millers", "100"]
 
 
+CALLER_STATE: dict = {}
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
+    """The tiny dataset, made in this process (one worker) from a caller state that is not the
+    generator's (2 torch threads, an extra warning filter); CALLER_STATE records it before/after."""
     out = tmp_path_factory.mktemp("gen") / "default"
-    generate(GenConfig(**TINY), out, workers=1, progress=False)
+    n0 = torch.get_num_threads()
+    with warnings.catch_warnings():
+        torch.set_num_threads(2)
+        warnings.filterwarnings("error", message="leignn caller filter")
+        before = (torch.get_num_threads(), list(warnings.filters))
+        try:
+            generate(GenConfig(**TINY), out, workers=1, progress=False)
+            CALLER_STATE.update(before=before, after=(torch.get_num_threads(), list(warnings.filters)))
+        finally:
+            torch.set_num_threads(n0)
     return out
 
 
@@ -62,7 +81,12 @@ def test_generated_splits_load_with_fairchem_lmdbdataset(tiny):
             assert d.pos.shape == (n, 3) and d.pos.dtype == torch.float32
             assert d.forces.shape == (n, 3) and torch.isfinite(d.forces).all()
             assert d.cell.shape == (1, 3, 3)
+            # written by fairchem's AtomsToGraphs, which wraps positions into the cell
+            frac = d.pos.double() @ torch.linalg.inv(d.cell[0].double())  # [N, 3]
+            assert ((frac > -1e-5) & (frac < 1 + 1e-5)).all()
             assert d.atomic_numbers.shape == (n,)
+            # the record dtypes of every dataset this generator has written (format 1 and 2)
+            assert d.atomic_numbers.dtype == d.fixed.dtype == torch.float32 and d.tags.dtype == torch.long
             assert set(d.tags.tolist()) == {0, 1, 2}  # subsurface, surface, adsorbate
             # OC20: the fixed atoms are exactly the subsurface ones
             assert torch.equal(d.fixed.bool(), d.tags == 0)
@@ -180,27 +204,98 @@ def test_same_seed_gives_byte_identical_data_and_other_seed_differs(tiny, tmp_pa
     assert c["s2ef/train/data.lmdb"] != a["s2ef/train/data.lmdb"]
 
 
-def test_cli_skips_existing_matching_data(tiny, capsys):
-    sys.path.insert(0, str(REPO / "scripts"))
-    import generate_data
+def test_one_worker_generate_leaves_caller_threads_and_warning_filters(tiny):
+    before, after = CALLER_STATE["before"], CALLER_STATE["after"]
+    assert before[0] == 2 and any(f[1] is not None and f[1].pattern == "leignn caller filter" for f in before[1])
+    assert after[0] == before[0], "generate() changed torch's thread count"
+    assert after[1] == before[1], "generate() changed the warning filters"
 
+
+def test_labelling_runs_single_threaded_and_quiet_then_restores():
+    from leignn_ocp.data.generate import _one_thread_quiet
+
+    try:
+        import threadpoolctl
+    except ImportError:
+        pytest.fail("threadpoolctl is not installed: generate() cannot hold numpy's BLAS at one thread")
+    blas = lambda: [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]  # noqa: E731
+    n0 = torch.get_num_threads()
+    with warnings.catch_warnings():
+        torch.set_num_threads(2)
+        with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+            outside = blas()
+            filters = list(warnings.filters)
+            with _one_thread_quiet():
+                assert torch.get_num_threads() == 1
+                assert blas() and set(blas()) == {1}
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.warn("pymatgen chatter")
+                assert caught == []  # a filter ignores it before the recorder sees it
+            assert torch.get_num_threads() == 2 and blas() == outside and warnings.filters == filters
+        torch.set_num_threads(n0)
+
+
+def test_cli_skips_existing_matching_data(tiny, capsys):
     lmdb_file = tiny / "s2ef" / "train" / "data.lmdb"
     before = lmdb_file.stat().st_mtime_ns
     assert existing_matches(tiny, GenConfig(**TINY))
     assert not existing_matches(tiny, GenConfig(**{**TINY, "seed": 5}))
-    assert generate_data.main(["--out", str(tiny), *TINY_ARGS]) == 0
+    assert generate_main(["--out", str(tiny), *TINY_ARGS]) == 0
     assert "already holds this dataset" in capsys.readouterr().out
     assert lmdb_file.stat().st_mtime_ns == before
 
 
 def test_cli_rejects_bad_arguments(tmp_path):
-    sys.path.insert(0, str(REPO / "scripts"))
-    import generate_data
-
     with pytest.raises(SystemExit):
-        generate_data.main(["--out", str(tmp_path), "--millers", "1x1"])
-    assert generate_data.main(["--out", str(tmp_path), "--train-systems", "0"]) == 2
+        generate_main(["--out", str(tmp_path), "--millers", "1x1"])
+    assert generate_main(["--out", str(tmp_path), "--train-systems", "0"]) == 2
     assert not (tmp_path / "s2ef").exists()
+
+
+def _command(name: str) -> str:
+    exe = BIN / name
+    if not exe.exists():
+        pytest.fail(f"console script {name} not found next to {sys.executable} (pip install -e .)")
+    return str(exe)
+
+
+def _run(cmd: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, f"{cmd} exited {p.returncode}:\n{p.stdout}\n{p.stderr}"
+    return p
+
+
+def test_console_command_and_old_script_spelling_both_work(tiny, tmp_path):
+    """`leignn-generate-data` writes the bytes the library writes, with no thread variables set
+    (numpy/torch are loaded before it runs, so it cannot rely on them); the old spelling
+    `python scripts/generate_data.py` still runs (here: the matching-data fast exit)."""
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_ENV}
+    fresh = tmp_path / "console"
+    out = _run([_command("leignn-generate-data"), "--out", str(fresh), *TINY_ARGS, "--workers", "1",
+                "--no-progress"], env=env).stdout
+    assert "wrote" in out and json.loads(out.strip().splitlines()[-1])["summary"].endswith("summary.json")
+    a, b = _files(tiny), _files(fresh)
+    assert a.keys() == b.keys() and len(a) == 2 * len(SPLITS)
+    for k in a:
+        assert a[k] == b[k], f"{k}: leignn-generate-data and generate() wrote different bytes"
+    old = _run([sys.executable, "scripts/generate_data.py", "--out", str(tiny), *TINY_ARGS]).stdout
+    assert "already holds this dataset" in old
+
+
+def test_oc20_data_commands(tiny, tmp_path, capsys):
+    val = str(tiny / "s2ef" / "val_id")
+    n = validate_lmdb(val, max_check=None)
+    for cmd in ([_command("leignn-oc20-data")], [sys.executable, "scripts/oc20_data.py"]):
+        assert f"ok  {val}: {n} structures" in _run([*cmd, "check", val]).stdout
+    # in process: download --dry-run prints fairchem's own scripts and runs nothing
+    assert oc20.main(["download", "--split", "val_id", "--data-path", str(tmp_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "download_data.py --task s2ef --split val_id" in out and "--ref-energy" in out
+    assert f"make_lmdb_sizes.py --data-path {tmp_path.resolve() / 's2ef' / 'all' / 'val_id'}" in out
+    assert not any(tmp_path.iterdir())
+    # check exits 1 naming the bad folder
+    assert oc20.main(["check", val, str(tmp_path / "missing")]) == 1
+    assert "BAD LMDB path does not exist" in capsys.readouterr().err
 
 
 def test_paper_split_tool_is_deterministic_and_disjoint(tiny, tmp_path):

@@ -1,14 +1,18 @@
 """Beyond one process: fairchem's ``--submit`` (submitit), 2-rank CPU DDP, preemption and resume.
 
 Real runs of the fairchem CLI on a tiny LMDB (16 EMT-labelled slabs, batch 4 -> 4 steps per epoch,
-10 epochs = 40 steps; a LEIGNN of width 16). ``python -m leignn_ocp.cluster`` is fairchem's own
-``main()`` with the plugin's Runner (leignn_ocp/cluster.py). Without ``sbatch`` submitit's
-AutoExecutor picks its local executor, so ``--submit`` runs the pickled job in a fresh process as a
-Slurm node would, including submitit's preemption signal handling and requeue.
+10 epochs = 40 steps; a LEIGNN of width 16). ``python -m leignn_ocp.launch`` is fairchem's own
+``main()`` with the plugin's Runner (leignn_ocp/launch/); ``python -m leignn_ocp.cluster`` is its old
+spelling. Without ``sbatch`` submitit's AutoExecutor picks its local executor, so ``--submit`` runs the
+pickled job in a fresh process as a Slurm node would, including submitit's preemption signal handling
+and requeue. Those end-to-end runs are marked slow; the in-process checks of the patches are not.
+Every patch is applied inside ``patched_fairchem()`` only: no test leaves fairchem patched (checked
+after each test by ``_fairchem_unpatched``).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import pickle
@@ -26,18 +30,45 @@ import torch
 import yaml
 from fairchem.core.common.utils import create_grid, load_config
 
-from leignn_ocp.cluster import patch_fairchem
+from leignn_ocp.launch import patched_fairchem
 
 from conftest import REPO, cli_env, emt_slab_frames, fairchem_cli, write_s2ef_lmdb
-
-pytestmark = pytest.mark.slow
 
 N_TRAIN, BATCH, EPOCHS = 16, 4, 10
 STEPS = N_TRAIN // BATCH * EPOCHS  # 40 on one rank
 EVAL_EVERY, CKPT_EVERY = 10, 4
 PY = sys.executable
-LAUNCHER = [PY, "-m", "leignn_ocp.cluster"]  # the fairchem CLI + leignn_ocp/cluster.py fixes
+LAUNCHER = [PY, "-m", "leignn_ocp.launch"]  # the fairchem CLI + the leignn_ocp/launch/ fixes
+OLD_LAUNCHER = [PY, "-m", "leignn_ocp.cluster"]  # its old spelling (a shim), still working
 PROBE = "leignn_probe.ProbeLEIGNN"  # tests/leignn_probe.py: LEIGNN that signals itself at step k
+
+
+def _patch_points() -> set:
+    """Every (module or class, attribute) the launcher patches, listed here independently of it."""
+    from fairchem.core import _cli
+    from fairchem.core.common import utils
+    from fairchem.core.trainers import base_trainer
+
+    return {(collections, "MutableMapping"), (base_trainer, "save_checkpoint"), (utils, "save_checkpoint"),
+            (base_trainer.BaseTrainer, "_get_timestamp"), (_cli, "Runner"), (_cli, "runner_wrapper"),
+            (_cli, "build_config"), (_cli, "LaunchConfig")}
+
+
+_MISSING = object()
+_ORIGINAL = {point: vars(point[0]).get(point[1], _MISSING) for point in _patch_points()}  # fairchem's own
+
+
+def _unpatched() -> list[str]:
+    """The patch points that do not hold fairchem's original object (raw, e.g. the staticmethod)."""
+    return [f"{t.__name__}.{a}" for (t, a), orig in _ORIGINAL.items() if vars(t).get(a, _MISSING) is not orig]
+
+
+@pytest.fixture(autouse=True)
+def _fairchem_unpatched():
+    """After each test of this module fairchem is exactly as imported: later test modules see it unpatched."""
+    assert not _unpatched()
+    yield
+    assert not _unpatched(), f"left patched: {_unpatched()}"
 
 
 @pytest.fixture(scope="module")
@@ -170,20 +201,25 @@ def _submit_args(tiny: Path, run_dir: Path, logdir: Path, ident: str) -> list[st
             "--slurm-timeout", "1", "--slurm-mem", "4"]
 
 
+@pytest.mark.slow
 def test_fairchem_submit_runs_the_plugin_job(tiny, reference):
     """fairchem's --submit path (its main(): AutoExecutor, map_array, experiment log) with the plugin's
     Runner: the pickled job is unpickled in a fresh process, imports leignn_ocp and trains.
 
     (Plain `fairchem --submit` gets this far too, then fairchem 1.10 stops without Slurm variables:
-    KeyError 'local_rank'; leignn_ocp.cluster.Runner takes the ranks from submitit instead.)"""
+    KeyError 'local_rank'; leignn_ocp.launch.Runner takes the ranks from submitit instead.)
+    Run through the old spelling `python -m leignn_ocp.cluster`: the job pickled in that __main__
+    must still unpickle on the "node" (it references leignn_ocp.launch.runner.Runner)."""
     _require_local_executor()
     run_dir, logdir = tiny / "run_submit", tiny / "slurm_logs"
     t0 = time.time()
     # no PYTHONPATH, outside the repo: the job imports leignn_ocp from the venv's (editable) install
-    log = _run([*LAUNCHER, *_submit_args(tiny, run_dir, logdir, "submit")], cwd=tiny, PYTHONPATH="")
+    log = _run([*OLD_LAUNCHER, *_submit_args(tiny, run_dir, logdir, "submit")], cwd=tiny, PYTHONPATH="")
     assert "Submitting 1 jobs" in log
     job_id, job_dir = _submitted_job(log, logdir)
     assert (job_dir / f"{job_id}_submitted.pkl").exists()
+    pickled = (job_dir / f"{job_id}_submitted.pkl").read_bytes()
+    assert b"leignn_ocp.launch.runner" in pickled and b"__main__" not in pickled
     status, value = _wait_result(job_dir, job_id)
     job_log = _job_log(job_dir, job_id)
     assert status == "success", job_log[-4000:]
@@ -198,6 +234,7 @@ def test_fairchem_submit_runs_the_plugin_job(tiny, reference):
     assert list((logdir / "exp").glob("*.log"))  # fairchem's experiment log
 
 
+@pytest.mark.slow
 def test_submitit_preemption_requeues_and_finishes(tiny, reference):
     """SIGUSR2 (Slurm's preemption / time-out signal) in the middle of step 7: the job checkpoints
     step 7 at the step boundary, submitit requeues it, the new process resumes and finishes."""
@@ -249,6 +286,7 @@ def _idle_listener(port: int):
         s.close()
 
 
+@pytest.mark.slow
 def test_two_rank_cpu_ddp(tiny):
     """`--cpu --num-gpus 2`: fairchem's main() starts 2 ranks with torch elastic, gloo backend; each
     rank keeps one DataLoader worker (fairchem 1.10 alone would force num_workers to 0).
@@ -263,7 +301,7 @@ def test_two_rank_cpu_ddp(tiny):
         log = _run([*LAUNCHER, *_train_args(tiny, run_dir, "ddp"), "--num-gpus", "2", "--optim.num_workers=1"],
                    timeout=200)
     assert "Running in local mode with 2 ranks" in log
-    m = re.search(r"leignn_ocp.cluster: local rendezvous at localhost:(\d+)", log)
+    m = re.search(r"leignn_ocp.launch: local rendezvous at localhost:(\d+)", log)
     assert m and int(m.group(1)) != ELASTIC_DEFAULT_PORT
     assert "keeping optim.num_workers=1 per rank" in log
     assert "rank: 1: Sampler created" in log  # the second rank built its own sampler shard
@@ -283,6 +321,7 @@ def test_two_rank_cpu_ddp(tiny):
 # kill -9 mid-training, resume with --checkpoint
 
 
+@pytest.mark.slow
 def test_kill_and_resume_matches_uninterrupted_run(tiny, reference):
     """Plain fairchem CLI: SIGKILL in the middle of step 10 (last checkpoint: step 8, mid-epoch 3),
     then `--checkpoint .../checkpoint.pt --timestamp-id <same>` runs to the end."""
@@ -314,7 +353,8 @@ def test_kill_and_resume_matches_uninterrupted_run(tiny, reference):
 # the ablation sweep file
 
 
-def test_ablation_sweep_grid(tiny):
+@pytest.mark.slow  # a fresh interpreter importing fairchem: seconds
+def test_ablation_sweep_grid():
     base, _, _ = load_config(str(REPO / "configs/s2ef/200k/leignn.yml"))
     base["identifier"] = "ablation"
     sweep = REPO / "configs/sweeps/ablations.yml"
@@ -325,8 +365,8 @@ def test_ablation_sweep_grid(tiny):
         capture_output=True, text=True, env=_env(), timeout=120)
     if sys.version_info >= (3, 10):
         assert probe.returncode != 0 and "MutableMapping" in probe.stderr
-    patch_fairchem()
-    configs = create_grid(base, str(sweep))
+    with patched_fairchem():
+        configs = create_grid(base, str(sweep))
     got = [(c["identifier"], c["model"]["update"], c["model"]["global_messages"]) for c in configs]
     assert got == [("ablation_run0", "nmu", False),   # Vanilla + NMU
                    ("ablation_run1", "nmu", True),    # LEIGNN
@@ -343,8 +383,8 @@ def test_run_timestamps_have_second_resolution():
 
     from fairchem.core.trainers.base_trainer import BaseTrainer
 
-    patch_fairchem()
-    stamp = BaseTrainer._get_timestamp(torch.device("cpu"), "x")
+    with patched_fairchem():
+        stamp = BaseTrainer._get_timestamp(torch.device("cpu"), "x")
     assert stamp.endswith("-x")
     t = datetime.strptime(stamp[:-2], "%Y-%m-%d-%H-%M-%S")
     assert abs((datetime.now() - t).total_seconds()) < 3
@@ -353,8 +393,81 @@ def test_run_timestamps_have_second_resolution():
 def test_preemption_before_training_requeues_the_job_unchanged():
     """A signal while the trainer is still being built: fairchem's checkpoint() would raise
     (no trainer yet); the plugin's Runner requeues the same config with a fresh Runner."""
-    from leignn_ocp.cluster import Runner
+    from leignn_ocp.launch import Runner
 
     config = {"mode": "train", "checkpoint": None, "identifier": "x"}
     delayed = Runner().checkpoint(config)
     assert isinstance(delayed.function, Runner) and delayed.args == (config,)
+
+
+# ---------------------------------------------------------------------------------------------
+# the patches themselves: scoped, reversible, version-guarded (in-process, fast)
+
+
+def test_patches_are_undone_on_exit():
+    """Inside patched_fairchem() every patch point holds the launcher's object; on exit (normal, nested
+    or by an exception) each holds fairchem's original object again."""
+    from fairchem.core import _cli
+
+    from leignn_ocp.launch import Runner, runner_wrapper
+    from leignn_ocp.launch.patches import fairchem_patches
+
+    assert {(p.target, p.attr) for p in fairchem_patches()} == _patch_points()  # nothing unlisted
+    with patched_fairchem():
+        assert sorted(_unpatched()) == sorted(f"{t.__name__}.{a}" for t, a in _patch_points())
+        assert _cli.Runner is Runner and _cli.runner_wrapper is runner_wrapper
+        assert collections.MutableMapping is collections.abc.MutableMapping
+        with patched_fairchem():
+            pass
+        assert len(_unpatched()) == len(_patch_points())  # the inner exit put back the outer patches
+    assert not _unpatched()
+    assert _cli.Runner is not Runner and not issubclass(_cli.Runner, Runner)
+    with pytest.raises(ValueError, match="inside"):
+        with patched_fairchem():
+            raise ValueError("inside")
+    assert not _unpatched()
+
+
+def test_patches_refuse_another_fairchem_version(monkeypatch):
+    """Each patch names the fairchem-core series it was written for; another installed version fails
+    before anything is patched, with both versions in the message (unless explicitly overridden)."""
+    from importlib import metadata
+
+    from fairchem.core import _cli
+
+    from leignn_ocp.launch import Runner, patches
+
+    assert patches.installed_fairchem() == metadata.version("fairchem-core")
+    assert patches.installed_fairchem().startswith(patches.WRITTEN_FOR + ".")  # what the tests run on
+    monkeypatch.setattr(patches, "installed_fairchem", lambda: "2.3.0")
+    monkeypatch.delenv(patches.VERSION_ENV, raising=False)
+    with pytest.raises(RuntimeError, match=r"written for fairchem-core 1\.10\.x, but fairchem-core 2\.3\.0 is installed"):
+        with patched_fairchem():
+            pytest.fail("patched an unsupported fairchem")
+    assert not _unpatched()
+    monkeypatch.setenv(patches.VERSION_ENV, "1")
+    with pytest.warns(UserWarning, match="fairchem-core 2.3.0"):
+        with patched_fairchem():
+            assert _cli.Runner is Runner
+    assert not _unpatched()
+    missing = patches.Patch(_cli, "no_such_attribute", None, "test")
+    with pytest.raises(RuntimeError, match=r"no fairchem\.core\._cli\.no_such_attribute to patch"):
+        patches.check_patch(missing, "1.10.0")
+
+
+def test_runner_is_pickled_by_package_reference():
+    """--submit pickles fairchem's ``Runner()`` (cloudpickle, as submitit does) and torch elastic pickles
+    ``runner_wrapper``: both must name leignn_ocp.launch.runner, which a compute node imports from the
+    installed package (an object of ``__main__`` would not unpickle there)."""
+    import pickle
+
+    import cloudpickle
+    from fairchem.core import _cli
+
+    from leignn_ocp.launch import Runner, runner_wrapper
+
+    with patched_fairchem():
+        job, wrapper = cloudpickle.dumps(_cli.Runner()), pickle.dumps(_cli.runner_wrapper)
+    for blob in (job, wrapper):
+        assert b"leignn_ocp.launch.runner" in blob and b"__main__" not in blob
+    assert type(pickle.loads(job)) is Runner and pickle.loads(wrapper) is runner_wrapper

@@ -155,16 +155,24 @@ def test_conservative_checkpoint_with_unequal_scales_warns(tmp_path, caplog):
 
 
 # ----------------------------------------------------------------------------- MD driver
-def test_run_md_script_writes_readable_trajectory(ckpt_pbc, tmp_path):
+# the console command and the old spelling it replaces, both in a fresh process
+MD_COMMANDS = {
+    "leignn-md": [str(Path(sys.executable).parent / "leignn-md")],
+    "scripts/run_md.py": [sys.executable, str(REPO / "scripts/run_md.py")],
+}
+
+
+@pytest.mark.parametrize("command", list(MD_COMMANDS))
+def test_run_md_command_writes_readable_trajectory(command, ckpt_pbc, tmp_path):
     start = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 2))
     start.write(tmp_path / "start.traj")
     out = tmp_path / "md.traj"
     r = subprocess.run(
-        [sys.executable, str(REPO / "scripts/run_md.py"), "--checkpoint", str(ckpt_pbc), "--structure",
+        [*MD_COMMANDS[command], "--checkpoint", str(ckpt_pbc), "--structure",
          str(tmp_path / "start.traj"), "--out", str(out), "--ensemble", "langevin", "--temperature-K", "300",
          "--timestep-fs", "1", "--steps", "6", "--save-every", "2", "--seed", "3", "--no-progress",
          "--max-force", "1e9", "--min-distance", "0.1"],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     frames = read(str(out), ":")
     assert len(frames) == 4  # steps 0, 2, 4, 6
@@ -340,3 +348,99 @@ def test_nve_drift_of_emt_is_small(tmp_path):
     frames = read(str(tmp_path / "nve.traj"), ":")
     d = M.nve_energy_drift(frames, M.frame_times_ps(frames))
     assert abs(d["drift_meV_per_ps_per_atom"]) < 1.0 and d["max_abs_dev_meV_per_atom"] < 1.0
+
+
+# ----------------------------------------------------------------------------- reference data
+@pytest.fixture(scope="module")
+def emt_reference(tmp_path_factory):
+    """A tiny labelled reference trajectory (EMT Cu) and the LMDBs ``make_lmdbs`` makes of it."""
+    from leignn_ocp.md.reference import SYSTEMS, make_lmdbs
+
+    out = tmp_path_factory.mktemp("ref")
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    rng = np.random.default_rng(0)
+    frames = []
+    for t in range(12):
+        a = atoms.copy()
+        a.positions += rng.normal(0, 0.05, a.positions.shape)
+        a.calc = EMT()
+        a.get_forces()
+        a.info["time_fs"] = 20.0 * t
+        frames.append(a)
+    from ase.io import write
+
+    write(str(out / "reference.traj"), frames)
+    stats = make_lmdbs("cu_liquid", out, SYSTEMS["cu_liquid"], seed=0, n_train=7, n_val=4, log=lambda *_: None)
+    return out, frames, stats
+
+
+def _lmdb(path: Path):
+    from fairchem.core.datasets import LmdbDataset
+
+    return LmdbDataset({"src": str(path)})
+
+
+def test_reference_lmdbs_have_distinct_sids_of_their_frames(emt_reference):
+    out, frames, stats = emt_reference
+    train, val = _lmdb(out / "train"), _lmdb(out / "val")
+    assert (len(train), len(val)) == (7, 4) and (stats["n_train"], stats["n_val"]) == (7, 4)
+    sids = {name: [int(d.sid) for d in ds] for name, ds in (("train", train), ("val", val))}
+    assert len(set(sids["train"])) == 7 and len(set(sids["val"])) == 4
+    assert not set(sids["train"]) & set(sids["val"])
+    for ds in (train, val):  # a frame's sid is its index in reference.traj
+        for d in ds:
+            ref = frames[int(d.sid)]
+            assert float(d.energy) == pytest.approx(ref.get_potential_energy(), abs=1e-5)
+            np.testing.assert_allclose(d.forces.numpy(), ref.get_forces(), atol=1e-5)
+
+
+def test_frames_to_lmdb_refuses_repeated_sids(tmp_path, emt_reference):
+    from leignn_ocp.md.reference import frames_to_lmdb
+
+    frames = emt_reference[1][:2]
+    with pytest.raises(ValueError, match="distinct sid"):
+        frames_to_lmdb(frames, tmp_path / "x", sids=[5, 5])
+
+
+def test_conservative_config_fits_one_scale_for_energy_and_forces(emt_reference):
+    """The conservative MD config's normalizer is fitted at run time (energy mean from the
+    data) with equal energy and force scales, so gradient forces stay -dE/dx."""
+    from fairchem.core.common.utils import load_config
+    from fairchem.core.modules.normalization.normalizer import load_normalizers_from_config
+
+    out, frames, _ = emt_reference
+    config = load_config(str(REPO / "configs/md/ethanol_leignn_conservative.yml"))[0]
+    assert config["model"]["direct_forces"] is False
+    norm_cfg = config["dataset"]["train"]["transforms"]["normalizer"]
+    norms = load_normalizers_from_config(norm_cfg, _lmdb(out / "train"))
+    e_train = np.mean([float(d.energy) for d in _lmdb(out / "train")])
+    assert float(norms["energy"].mean) == pytest.approx(e_train, rel=1e-5)
+    assert float(norms["energy"].rmsd) == float(norms["forces"].rmsd)
+    assert float(norms["forces"].mean) == 0.0
+
+
+def test_tblite_calculator_from_a_fresh_process():
+    """tblite must load its OpenMP runtime before torch; importing the package that way must work."""
+    pytest.importorskip("tblite")
+    code = ("from ase.build import molecule; import leignn_ocp.md.reference as r; import torch; "
+            "a = molecule('H2O'); a.calc = r.make_calculator('ethanol'); print(a.get_potential_energy())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert -200 < float(r.stdout.split()[-1]) < -100  # GFN2-xTB water, about -137 eV
+
+
+# ----------------------------------------------------------------------------- benchmark helpers
+def test_benchmark_val_errors_and_existing_checkpoint(emt_reference, tmp_path):
+    from leignn_ocp.md import benchmark as B
+
+    frames = emt_reference[1]
+    err = B.val_errors(EMT(), frames)
+    assert err == {"energy_mae_meV_per_atom": pytest.approx(0.0, abs=1e-9),
+                   "forces_mae_meV_per_A": pytest.approx(0.0, abs=1e-9)}
+    # a finished fairchem run is reused: no training command is started (the config does not exist)
+    ckpt = tmp_path / "runs/checkpoints/2024-01-01-00-00-00-leignn/best_checkpoint.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"")
+    assert B.train(tmp_path / "missing.yml", tmp_path / "runs", "leignn", epochs=1) == ckpt
+    with pytest.raises(SystemExit, match="missing.yml not found"):
+        B.train(tmp_path / "missing.yml", tmp_path / "runs", "leignn", epochs=1, retrain=True)

@@ -17,10 +17,10 @@ import torch
 from ase import Atoms
 from ase.build import add_adsorbate, fcc111, molecule
 
-from leignn_ocp import LEIGNN
+from leignn_ocp import LEIGNN, ops
 from leignn_ocp.batching import atoms_to_batch
+from leignn_ocp.lineup import VARIANTS
 
-VARIANTS = {"leignn": ("nmu", True), "vanilla_nmu": ("nmu", False), "vanilla": ("painn", False)}
 HP = {"hidden_channels": 8, "num_layers": 2, "num_rbf": 6, "cutoff": 5.0, "max_neighbors": 10}
 
 
@@ -154,14 +154,25 @@ def periodic_batch_float64(atoms, model):
     return data
 
 
-CASES = [(v, df, pbc) for v in VARIANTS for df in (True, False) for pbc in (True, False)]
+# the fused, chunked message runs only with direct forces (no gradient on positions)
+CASES = [(v, df, pbc, ch) for v in VARIANTS for df in (True, False) for pbc in (True, False)
+         for ch in ((True, False) if df else (False,))]
 
 
-@pytest.mark.parametrize("variant,direct_forces,pbc", CASES)
-def test_model_equals_reference(variant, direct_forces, pbc):
+@pytest.fixture
+def chunked_calls(monkeypatch):
+    """Counts the calls of the fused CPU kernel, so that a test knows which path it checked."""
+    calls = []
+    kernel = ops._chunked_message
+    monkeypatch.setattr(ops, "_chunked_message", lambda *a: calls.append(1) or kernel(*a))
+    return calls
+
+
+@pytest.mark.parametrize("variant,direct_forces,pbc,chunked", CASES)
+def test_model_equals_reference(variant, direct_forces, pbc, chunked, chunked_calls):
     torch.manual_seed(7)
-    update, glob = VARIANTS[variant]
-    model = LEIGNN(update=update, global_messages=glob, direct_forces=direct_forces, use_pbc=pbc, **HP)
+    model = LEIGNN(**VARIANTS[variant], direct_forces=direct_forces, use_pbc=pbc, chunked_messages=chunked,
+                   **HP)
     # non-trivial biases, so that a dropped bias or a mis-ordered block would show
     with torch.no_grad():
         for p in model.parameters():
@@ -172,6 +183,7 @@ def test_model_equals_reference(variant, direct_forces, pbc):
     else:
         data = atoms_to_batch(molecules(), torch.float64)
     out = model(data.clone())
+    assert len(chunked_calls) == (model.num_layers if chunked else 0)  # the path named is the path run
     e_ref, f_ref = reference(model, data)
     assert out["forces"].shape == f_ref.shape
     torch.testing.assert_close(out["energy"].detach(), e_ref, rtol=1e-10, atol=1e-10)
@@ -179,16 +191,26 @@ def test_model_equals_reference(variant, direct_forces, pbc):
     assert f_ref.abs().max() > 1e-6  # the comparison is not between two zeros
 
 
-def test_no_grad_inference_matches():
-    """Direct-force inference under torch.no_grad gives the same numbers as with autograd on."""
+def test_no_grad_inference_matches(chunked_calls):
+    """Direct-force inference under torch.no_grad (the fused CPU kernel) gives the same numbers
+    as with autograd on (bit for bit) and as the plain tensor path (to round-off)."""
     torch.manual_seed(0)
     model = LEIGNN(use_pbc=True, **HP).double().eval()
+    plain = LEIGNN(use_pbc=True, chunked_messages=False, **HP).double().eval()
+    plain.load_state_dict(model.state_dict())
     data = periodic_batch_float64([slab((2, 2, 3), "OH", 1)], model)
-    ref = model(data.clone())
+    plain.otf_graph = False
+    ref = plain(data.clone())
+    assert not chunked_calls
+    grad_on = model(data.clone())
     with torch.no_grad():
         out = model(data.clone())
-    torch.testing.assert_close(out["energy"], ref["energy"].detach(), rtol=0, atol=0)
-    torch.testing.assert_close(out["forces"], ref["forces"].detach(), rtol=0, atol=0)
+    assert len(chunked_calls) == 2 * model.num_layers
+    torch.testing.assert_close(out["energy"], grad_on["energy"].detach(), rtol=0, atol=0)
+    torch.testing.assert_close(out["forces"], grad_on["forces"].detach(), rtol=0, atol=0)
+    torch.testing.assert_close(out["energy"], ref["energy"].detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out["forces"], ref["forces"].detach(), rtol=1e-11, atol=1e-12)
+    assert ref["forces"].abs().max() > 1e-6
 
 
 def _perturbed(model):
@@ -201,16 +223,14 @@ def _perturbed(model):
 def test_banded_radial_filters_equal_reference():
     """OC20's 128 Gaussians: the CPU path multiplies each chunk of edges only with the basis
     columns that are not negligible for it; the result is still the spec's, to float64 round-off."""
-    from leignn_ocp.model import RadialFilter
-
     torch.manual_seed(11)
     hp = {**HP, "num_rbf": 128}
     model = _perturbed(LEIGNN(use_pbc=True, **hp)).double().eval()
     data = periodic_batch_float64([slab((2, 2, 3), "OH", 1), slab((2, 3, 2), "CO", 2)], model)
     with torch.no_grad():
         _, _, dist, _ = model._graph(data.clone())
-        rbf = RadialFilter(model.radial_basis(dist.sort().values), chunked=True)
-    assert len(rbf.chunks) >= 2 and rbf.fraction < 0.5  # the banded path is really taken
+        plan = ops.plan_chunks(model.radial_basis(dist.sort().values))
+    assert len(plan.chunks) >= 2 and plan.fraction < 0.5  # the banded path is really taken
     out = model(data.clone())
     e_ref, f_ref = reference(model, data)
     torch.testing.assert_close(out["energy"].detach(), e_ref, rtol=1e-10, atol=1e-10)
@@ -223,21 +243,21 @@ def test_chunked_message_gradients_equal_plain_autograd(variant):
     banded filters); its outputs and every parameter gradient equal the plain per-edge autograd
     path's, and every parameter gets a gradient (DDP needs that)."""
     torch.manual_seed(5)
-    update, glob = VARIANTS[variant]
     hp = {**HP, "num_layers": 3, "num_rbf": 128}
-    model = _perturbed(LEIGNN(update=update, global_messages=glob, use_pbc=True, **hp)).double().train()
+    model = _perturbed(LEIGNN(**VARIANTS[variant], use_pbc=True, **hp)).double().train()
     data = periodic_batch_float64([slab((2, 2, 3), "OH", 1), slab((2, 3, 2), "CO", 2)], model)
+    models = {True: model, False: LEIGNN(**VARIANTS[variant], use_pbc=True, chunked_messages=False, **hp)}
+    models[False].double().train().load_state_dict(model.state_dict())
+    models[False].otf_graph = False
     g = torch.Generator().manual_seed(0)
     w_e = torch.randn(2, generator=g, dtype=torch.float64)
     w_f = torch.randn(data.pos.shape, generator=g, dtype=torch.float64)
     outs, grads = {}, {}
-    for chunked in (True, False):
-        model.chunked_messages = chunked
-        model.zero_grad(set_to_none=True)
-        out = model(data.clone())
+    for chunked, m in models.items():
+        out = m(data.clone())
         ((out["energy"] * w_e).sum() + (out["forces"] * w_f).sum()).backward()
         outs[chunked] = {k: v.detach() for k, v in out.items()}
-        grads[chunked] = {n: p.grad for n, p in model.named_parameters()}
+        grads[chunked] = {n: p.grad for n, p in m.named_parameters()}
     names = [n for n, _ in model.named_parameters()]
     assert all(grads[True][n] is not None for n in names), [n for n in names if grads[True][n] is None]
     for k in outs[False]:
@@ -245,3 +265,46 @@ def test_chunked_message_gradients_equal_plain_autograd(variant):
     for n in names:
         torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-9, atol=1e-11, msg=n)
         assert grads[False][n] is not None
+
+
+@pytest.mark.parametrize("with_v", [True, False])
+def test_message_kernel_equals_plain_path(with_v):
+    """ops.message on its own: the fused kernel (banded filters, hand-written backward) and the
+    plain tensor path give the same sums and the same gradients for phi, v, W and its bias;
+    v=None (v = 0) equals an explicit zero v."""
+    g = torch.Generator().manual_seed(3)
+    N, F, K, E = 7, 4, 128, 300
+    rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    src, dst = torch.randint(0, N, (E,), generator=g), torch.randint(0, N, (E,), generator=g)
+    dist = 0.5 + 5.0 * torch.rand(E, generator=g, dtype=torch.float64)
+    mu = torch.linspace(0, 6.0, K, dtype=torch.float64)
+    rbf = torch.exp(-0.5 * ((dist[:, None] - mu) / (mu[1] - mu[0])) ** 2)  # localised Gaussians
+    e = torch.nn.functional.normalize(rnd(E, 3), dim=-1)
+    leaves = [rnd(N, 3 * F), rnd(N, 3, F), rnd(3 * F, K), rnd(3 * F)]  # phi, v, W, bias
+    g_ds, g_dv = rnd(N, F), rnd(N, 3, F)
+    results = {}
+    for chunked in (True, False):
+        phi, v, w, b = (x.clone().requires_grad_(True) for x in leaves)
+        edges = ops.edges(src, dst, e, rbf, dist, chunked=chunked)
+        assert (edges.plan is not None) == chunked
+        ds, dv = ops.message(phi, v if with_v else None, edges, w, b)
+        ((ds * g_ds).sum() + (dv * g_dv).sum()).backward()
+        results[chunked] = [ds.detach(), dv.detach(), phi.grad, w.grad, b.grad] + ([v.grad] if with_v else [])
+    plan = ops.edges(src, dst, e, rbf, dist, chunked=True).plan
+    assert len(plan.chunks) == 3 and plan.fraction < 0.7  # banded: some columns really skipped
+    for x, y in zip(results[True], results[False]):
+        torch.testing.assert_close(x, y, rtol=1e-11, atol=1e-12)
+    if not with_v:  # v = None is v = 0
+        ds0, dv0 = ops.message(leaves[0], torch.zeros(N, 3, F, dtype=torch.float64),
+                               ops.edges(src, dst, e, rbf, dist), leaves[2], leaves[3])
+        torch.testing.assert_close(results[False][0], ds0, rtol=0, atol=0)
+        torch.testing.assert_close(results[False][1], dv0, rtol=0, atol=0)
+
+
+def test_mlp_on_cat_equals_mlp_of_cat():
+    """The per-graph split of GlobalDistribute's first Linear changes only round-off."""
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.SiLU(), torch.nn.Linear(4, 4)).double()
+    x, y = torch.randn(9, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    index = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    torch.testing.assert_close(ops.mlp_on_cat(mlp, x, y, index), mlp(torch.cat([x, y[index]], -1)))

@@ -1,10 +1,13 @@
-"""Table 1 script: hand-checkable metrics, table files, the S2EF submission round trip."""
+"""Table 1 (leignn_ocp.evaluation): hand-checkable metrics, table files, the S2EF submission round
+trip, the line-up's subsets and fairchem arguments, and the commands that run it."""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
+import json
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import lmdb
@@ -13,10 +16,11 @@ import pytest
 import torch
 from torch_geometric.data import Data
 
+from leignn_ocp import evaluation as ev
+from leignn_ocp import lineup
+from leignn_ocp.evaluation import cli, runs
+
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("evaluate", REPO / "scripts" / "evaluate.py")
-ev = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ev)
 
 # two structures: the first 3 atoms (1 fixed), the second 2 atoms (1 fixed)
 E_TRUE = np.array([0.0, 0.0])
@@ -48,7 +52,7 @@ def test_metrics_by_hand():
 def test_table_files(tmp_path):
     row = ev.metrics_from_arrays(E_PRED, E_TRUE, F_PRED_FREE, F_TRUE_FREE, NFREE)
     other = dict(row, energy_mae_meV=100.0, forces_mae_meV_per_A=10.0)
-    results = {"LEIGNN": {t: row for _, _, t in ev.SPLITS}, "PaiNN": {t: other for _, _, t in ev.SPLITS}}
+    results = {"LEIGNN": {t: row for _, _, t in lineup.SPLITS}, "PaiNN": {t: other for _, _, t in lineup.SPLITS}}
     md = ev.write_outputs(results, tmp_path, "test", extra={"LEIGNN": {"params": 5}})
     assert "| LEIGNN | 255.0 | 224.4 | 255.0 | 224.4 | 255.0 | 224.4 | 255.0 | 224.4 |" in md
     assert "| PaiNN | 100.0 | 10.0 |" in md
@@ -95,7 +99,7 @@ def fake_predictions(path: Path, ids, e, f_free, nfree) -> Path:
 def test_submission_round_trip(tmp_path):
     data = tmp_path / "data"
     files = {}
-    for j, (key, suffix, _) in enumerate(ev.SPLITS):
+    for j, (key, suffix, _) in enumerate(lineup.SPLITS):
         write_lmdb(data / f"val_{suffix}", known_split(100 * j))
         # predictions stored in reverse order: the scorer matches them by id
         ids = [f"{100 * j + 1}_1", f"{100 * j}_0"]
@@ -104,9 +108,9 @@ def test_submission_round_trip(tmp_path):
     sub = ev.make_submission(files, tmp_path / "submission")
     assert sub.name == "submission.npz"
     z = np.load(sub)
-    assert {f"{k}_{f}" for k, _, _ in ev.SPLITS for f in ("ids", "energy", "forces", "chunk_idx")} <= set(z.files)
+    assert {f"{k}_{f}" for k, _, _ in lineup.SPLITS for f in ("ids", "energy", "forces", "chunk_idx")} <= set(z.files)
     scores = ev.score_submission(sub, data)
-    for _, _, title in ev.SPLITS:
+    for _, _, title in lineup.SPLITS:
         _check(scores[title], HAND, rel=1e-5)
     # a structure missing from the submission is an error, not a silently smaller test set
     write_lmdb(data / "val_id", known_split(0) + known_split(7))
@@ -116,7 +120,7 @@ def test_submission_round_trip(tmp_path):
 
 def test_cli_dispatch_defaults_to_quick():
     with pytest.raises(SystemExit, match="checkpoint"):
-        ev.main(["--data", "x"])
+        cli.main(["--data", "x"])
 
 
 # ----------------------------------------------------------------------------- real trainer path
@@ -146,15 +150,13 @@ def _emt_structures(n: int, seed: int, sid0: int) -> list[Data]:
 
 @pytest.mark.slow
 def test_checkpoint_predict_submission_score_agree(tmp_path):
-    """Train a tiny LEIGNN with the fairchem CLI; Table-1 metrics from the trainer path and from the
-    submission file through the local scorer agree."""
-    import subprocess
-
+    """Train a tiny LEIGNN with the fairchem CLI; Table-1 metrics from the trainer path, from the
+    submission file through the local scorer, and from the `leignn-evaluate` command agree."""
     from conftest import cli_env, fairchem_cli
 
     data = tmp_path / "data"
     write_lmdb(data / "train", _emt_structures(8, 0, 0))
-    for j, (_, suffix, _) in enumerate(ev.SPLITS):
+    for j, (_, suffix, _) in enumerate(lineup.SPLITS):
         write_lmdb(data / f"val_{suffix}", _emt_structures(4, j + 1, 1000 * (j + 1)))
     cmd = [fairchem_cli(), "--mode", "train", "--config-yml", str(REPO / "configs/s2ef/default/leignn.yml"), "--cpu",
            "--run-dir", str(tmp_path / "runs"), "--timestamp-id", "tiny", "--optim.max_epochs=1",
@@ -167,15 +169,25 @@ def test_checkpoint_predict_submission_score_agree(tmp_path):
     direct = ev.evaluate_checkpoint(ckpt, data, "val_")
     files = ev.predict_splits(ckpt, data, tmp_path / "pred", prefix="val_")
     scored = ev.score_submission(ev.make_submission(files, tmp_path / "pred" / "submission.npz"), data)
-    for _, _, title in ev.SPLITS:
+    for _, _, title in lineup.SPLITS:
         _check(scored[title], {k: direct[title][k] for k in ev.COLUMNS}, rel=1e-4)
+
+    # the console command, spelled as scripts/run_main.sh calls it (no sub-command = quick)
+    out = tmp_path / "quick"
+    p = subprocess.run([_command("leignn-evaluate"), "--checkpoint", str(ckpt), "--data", str(data), "--out", str(out)],
+                       cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert p.stdout.startswith("| model | ID E | ID F |")
+    quick = next(iter(json.loads((out / "table1.json").read_text())["results"].values()))
+    for _, _, title in lineup.SPLITS:
+        _check(quick[title], {k: direct[title][k] for k in ev.COLUMNS}, rel=1e-6)
 
 
 def test_lineup_subsets_are_seeded_and_stable(tmp_path):
     """`lineup --train-size/--eval-size`: the same seeded subsets for every model (and every rerun)."""
     data = tmp_path / "data"
     write_lmdb(data / "train", [s for k in range(5) for s in known_split(10 * k)])  # 10 structures
-    for j, (_, suffix, _) in enumerate(ev.SPLITS):
+    for j, (_, suffix, _) in enumerate(lineup.SPLITS):
         write_lmdb(data / f"val_{suffix}", [s for k in range(3) for s in known_split(1000 * (j + 1) + 10 * k)])
     assert ev.subset_data(data, tmp_path / "a", None, None, 0) == data  # no sizes: the data as they are
     sub = ev.subset_data(data, tmp_path / "a", 4, 2, 0)
@@ -186,14 +198,75 @@ def test_lineup_subsets_are_seeded_and_stable(tmp_path):
 
         ds = LmdbDataset({"src": str(path)})
         out = sorted(int(ds[i].sid) for i in range(len(ds)))
-        ev._close(ds)
+        ev.close_lmdb(ds)
         return out
 
     train = sids(sub / "train")
     assert len(train) == 4 and set(train) <= set(sids(data / "train"))
-    for _, suffix, _ in ev.SPLITS:
+    for _, suffix, _ in lineup.SPLITS:
         assert len(sids(sub / f"val_{suffix}")) == 2
     again = ev.subset_data(data, tmp_path / "b", 4, 2, 0)
     assert sids(again / "train") == train and sids(again / "val_ood_cat") == sids(sub / "val_ood_cat")
     assert ev.subset_data(data, tmp_path / "a", 50, None, 0) == tmp_path / "a" / "data"  # sizes above n: all
     assert len(sids(tmp_path / "a" / "data" / "train")) == 10 and len(sids(tmp_path / "a" / "data" / "val_id")) == 6
+
+
+# ----------------------------------------------------------------------------- line-up plumbing, commands
+def test_lineup_train_and_fit_share_one_argument_list(tmp_path):
+    """Training and scale fitting get one argument list, built from parameters; fairchem's own
+    parser reads it as meant."""
+    from fairchem.core.common.flags import flags
+
+    cfg, run_dir, sub = Path("configs/s2ef/default/painn.yml"), tmp_path / "runs", tmp_path / "sub"
+    args = runs.train_args(cfg, run_dir, "painn_fit", "painn", seed=3, epochs=2, data=sub, cpu=True,
+                           extra=["--optim.batch_size=8"])
+    assert args == ["--mode", "train", "--config-yml", str(cfg), "--run-dir", str(run_dir),
+                    "--timestamp-id", "painn_fit", "--identifier", "painn", "--seed", "3", "--print-every", "50",
+                    "--optim.max_epochs=2", f"--dataset.train.src={sub / 'train'}",
+                    f"--dataset.val.src={sub / 'val_id'}", "--optim.batch_size=8", "--cpu"]
+    parsed, overrides = flags.get_parser().parse_known_args(args)
+    assert (parsed.mode, parsed.timestamp_id, parsed.identifier, parsed.seed, parsed.cpu) == (
+        "train", "painn_fit", "painn", 3, True)
+    assert str(parsed.config_yml) == str(cfg)
+    assert overrides == args[-5:-1]
+    # the config's own budget, data and device: nothing added
+    plain = runs.train_args(cfg, run_dir, "painn", "painn", cpu=False)
+    assert plain == ["--mode", "train", "--config-yml", str(cfg), "--run-dir", str(run_dir), "--timestamp-id",
+                     "painn", "--identifier", "painn", "--seed", "0", "--print-every", "50"]
+
+
+def test_lineup_models_by_key_or_alias(tmp_path):
+    for key in ("leignn", "dimenet_plus_plus", "painn"):
+        (tmp_path / f"{key}.yml").write_text("{}")
+    (tmp_path / "mine.yml").write_text("{}")
+    assert runs.lineup_keys(tmp_path) == ["painn", "dimenet_plus_plus", "leignn"]  # registry order
+    assert runs.lineup_keys(tmp_path, ["dimenetpp", "LEIGNN", "mine"]) == ["dimenet_plus_plus", "leignn", "mine"]
+    with pytest.raises(SystemExit, match="schnet.yml"):
+        runs.lineup_keys(tmp_path, ["schnet"])
+
+
+def _command(name: str) -> str:
+    exe = Path(sys.executable).with_name(name)
+    if not exe.exists():
+        pytest.fail(f"{name} not found next to {sys.executable}: re-run `pip install -e .`")
+    return str(exe)
+
+
+@pytest.mark.parametrize("spelling", ["console", "script", "module"])
+def test_evaluate_commands_run(spelling):
+    """The three spellings of the command, one process each (a torch + fairchem import apiece):
+    `leignn-evaluate --help` lists every sub-command; the old `python scripts/evaluate.py` with no
+    sub-command is `quick`; `python -m leignn_ocp.evaluation fit-scales`, as the line-up runs it."""
+    if spelling == "console":
+        p = subprocess.run([_command("leignn-evaluate"), "--help"], capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert all(sub in p.stdout for sub in cli.COMMANDS)
+    elif spelling == "script":
+        p = subprocess.run([sys.executable, str(REPO / "scripts" / "evaluate.py"), "--data", "x"],
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode != 0 and "quick: give a checkpoint" in p.stderr, p.stderr[-3000:]
+    else:
+        p = subprocess.run([sys.executable, "-m", "leignn_ocp.evaluation", "fit-scales", "--help"],
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert "--num-batches" in p.stdout and "scale_file" in p.stdout

@@ -1,4 +1,5 @@
-"""Offline OC20-style S2EF data (generator, LMDB I/O and validation, OC20 split tools)."""
+"""Offline OC20-style S2EF data: generator, LMDB I/O and validation, OC20 split tools; the console
+commands leignn-generate-data (cli.py) and leignn-oc20-data (oc20.py)."""
 
 from .lmdb_io import LmdbValidationError, dumps_deterministic, iter_raw_lmdb_dir, validate_lmdb, write_lmdb_dir
 from .generate import SPLITS, GenConfig, existing_matches

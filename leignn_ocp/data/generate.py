@@ -22,6 +22,7 @@ unseen. No (catalyst, facet, adsorbate) system appears in two splits, so val_id 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -31,6 +32,7 @@ import math
 import multiprocessing as mp
 import os
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +62,7 @@ SPLIT_POOLS = {
 }
 ANOMALIES = ("dissociated", "desorbed", "surface_changed", "intercalated")
 SID_STRIDE = 1_000_000  # sid = split_index * SID_STRIDE + candidate index: unique across splits
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: records made by fairchem's AtomsToGraphs (positions wrapped into the cell)
 
 
 @dataclass(frozen=True)
@@ -238,17 +240,53 @@ def candidates(cfg: GenConfig, part: dict, split: str, start: int, count: int, u
 _W: dict = {}
 
 
-def _worker_init(cfg_json: str, refs: dict, catalysts: list[Catalyst]):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    try:
-        import torch
+@contextlib.contextmanager
+def _one_thread_quiet():
+    """One BLAS/OpenMP thread and library warnings off while labelling; the caller's torch thread
+    count, BLAS limits and warning filters are restored on exit.
 
+    Why one thread: parallelism comes from worker processes, and thread-count-dependent reductions
+    would otherwise make labels differ between machines. Numpy's and torch's thread pools exist by
+    the time this runs, so it sets them through their run-time APIs (environment variables would be
+    read too late); forked workers inherit the limits."""
+    import scipy.linalg  # noqa: F401  (loads scipy's own OpenBLAS now, so the limit reaches it)
+    import torch
+
+    n_torch = torch.get_num_threads()
+    with warnings.catch_warnings(), _blas_threads(1):
+        warnings.simplefilter("ignore")  # pymatgen / fairchem.data.oc chatter
         torch.set_num_threads(1)
-    except Exception:
-        pass
-    import warnings
+        try:
+            yield
+        finally:
+            torch.set_num_threads(n_torch)
 
-    warnings.filterwarnings("ignore")
+
+def _blas_threads(n: int):
+    """threadpoolctl's limit on every loaded BLAS/OpenMP library (numpy's and scipy's OpenBLAS,
+    torch's OpenMP), restored on exit; a no-op where threadpoolctl is not installed."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=n)
+
+
+def _pool_init(cfg_json: str, refs: dict, catalysts: list[Catalyst]):
+    """Initializer of a worker process: its own thread/warning settings (it exits, so nothing to
+    restore), then the shared per-process state."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")  # libraries the worker loads later
+    import torch
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    _worker_init(cfg_json, refs, catalysts)
+
+
+def _worker_init(cfg_json: str, refs: dict, catalysts: list[Catalyst]):
+    """Per-process generator state (config, gas references, catalysts, caches); touches no
+    process-wide settings, so generate() can call it in the caller's process."""
     d = json.loads(cfg_json)
     d.pop("format_version")
     d["millers"] = tuple(tuple(m) for m in d["millers"])
@@ -309,34 +347,40 @@ def _fixed_mask(atoms) -> np.ndarray:
 def _rigid_adsorbate(atoms, n_slab: int) -> None:
     """Hold the adsorbate's internal geometry (its OC20 DFT geometry) rigid while sampling; it still
     moves and turns as one body over the relaxing surface.
-    Why: EMT's C/H/N/O parameters tear apart or fuse most OC20 adsorbates on metals (>70 % of
-    relaxations, bonds both lost and gained; Hookean springs on the bonds did not prevent it).
-    Only the sampling path is constrained: every label is the bare calculator's energy and forces."""
+    Why: EMT's C/H/N/O parameters tear apart or fuse most OC20 adsorbates on metals when free
+    (docs/notes/data.md). Only the sampling path is constrained: every label is the bare
+    calculator's energy and forces."""
     from .rigid import RigidBody
 
     if len(atoms) - n_slab >= 1:
         atoms.set_constraint(list(atoms.constraints) + [RigidBody(range(n_slab, len(atoms)), atoms.positions)])
 
 
-def _to_data(atoms, pos, energy, forces, sid, fid, anomaly: int | None):
-    """One S2EF record with OC20's field names and dtypes."""
-    import torch
-    from torch_geometric.data import Data
+@functools.lru_cache(maxsize=1)
+def _a2g():
+    """fairchem's AtomsToGraphs as OC20's preprocess_ef uses it, without edges (models build the
+    graph on the fly): pos, cell, atomic_numbers, natoms, tags, fixed, energy, forces, sid."""
+    from fairchem.core.preprocessing import AtomsToGraphs
 
-    n = len(atoms)
-    fixed = _fixed_mask(atoms).astype(np.float32)
-    d = Data(
-        pos=torch.tensor(np.asarray(pos), dtype=torch.float32),  # [N, 3] A
-        cell=torch.tensor(np.asarray(atoms.cell), dtype=torch.float32).view(1, 3, 3),  # [1, 3, 3]
-        atomic_numbers=torch.tensor(atoms.get_atomic_numbers(), dtype=torch.float32),  # [N]
-        natoms=n,
-        tags=torch.tensor(atoms.get_tags(), dtype=torch.long),  # [N] 0 sub, 1 surface, 2 ads
-        fixed=torch.tensor(fixed),  # [N] 1 = fixed
-        energy=float(energy),  # eV, adsorption-referenced
-        forces=torch.tensor(np.asarray(forces), dtype=torch.float32),  # [N, 3] eV/A
-        sid=int(sid),
-        fid=int(fid),
-    )
+    return AtomsToGraphs(r_energy=True, r_forces=True, r_fixed=True, r_edges=False, r_distances=False)
+
+
+def _to_data(atoms, pos, energy, forces, sid, fid, anomaly: int | None):
+    """One S2EF record of ``atoms`` (numbers, cell, tags, FixAtoms) at ``pos`` with these labels."""
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.constraints import FixAtoms
+
+    frame = Atoms(numbers=atoms.numbers, positions=pos, cell=atoms.cell, pbc=atoms.pbc, tags=atoms.get_tags(),
+                  constraint=FixAtoms(mask=_fixed_mask(atoms)))
+    frame.calc = SinglePointCalculator(frame, energy=float(energy), forces=np.asarray(forces))
+    d = _a2g().convert(frame, sid=int(sid))  # pos [N, 3] (wrapped into the cell), cell [1, 3, 3]
+    # the dtypes these LMDBs have always had (AtomsToGraphs 1.10 gives uint8 / int32 / int32)
+    d.atomic_numbers = d.atomic_numbers.float()  # [N]
+    d.fixed = d.fixed.float()  # [N] 1 = fixed
+    d.tags = d.tags.long()  # [N] 0 subsurface, 1 surface, 2 adsorbate
+    d.energy = float(d.energy)  # eV, adsorption-referenced; forces [N, 3] eV/A
+    d.fid = int(fid)
     if anomaly is not None:
         d.anomaly = int(anomaly)
     return d
@@ -432,9 +476,17 @@ def _progress(total: int, desc: str):
 
 def generate(cfg: GenConfig, out_dir: Path | str, workers: int = 1, progress: bool = True,
              catalysts: list[Catalyst] | None = None) -> dict:
-    """Generate all five splits under ``out_dir/s2ef/`` atomically; return the summary dict."""
+    """Generate all five splits under ``out_dir/s2ef/`` atomically; return the summary dict.
+
+    The bytes depend on ``cfg`` (and the catalysts) only, not on ``workers``; with one worker it
+    runs in this process, under :func:`_one_thread_quiet`, and leaves its settings as they were."""
+    with _one_thread_quiet():
+        return _generate(cfg, Path(out_dir), workers, progress, catalysts)
+
+
+def _generate(cfg: GenConfig, out_dir: Path, workers: int, progress: bool,
+              catalysts: list[Catalyst] | None) -> dict:
     t_start = time.perf_counter()
-    out_dir = Path(out_dir)
     catalysts = catalysts or default_catalysts()
     allowed = EMT_ADSORBATE_ELEMENTS  # all OC20 adsorbate elements; EMT handles exactly these
     ads_all = adsorbate_ids(allowed)
@@ -448,11 +500,10 @@ def generate(cfg: GenConfig, out_dir: Path | str, workers: int = 1, progress: bo
     used: set = set()
     stats = {s: Counter() for s in SPLITS}
     rate = 1.0  # initial guess of the kept fraction; updated from what was seen
-    results_by_split: dict[str, list[dict]] = {s: [] for s in SPLITS}
     bar = _progress(0, "relaxations") if progress else None
     cfg_json = json.dumps(cfg.to_json())
     ctx = mp.get_context("fork") if workers > 1 else None
-    pool = ctx.Pool(workers, initializer=_worker_init, initargs=(cfg_json, refs, catalysts)) if ctx else None
+    pool = ctx.Pool(workers, initializer=_pool_init, initargs=(cfg_json, refs, catalysts)) if ctx else None
     if pool is None:
         _worker_init(cfg_json, refs, catalysts)
     try:

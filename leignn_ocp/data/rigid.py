@@ -1,7 +1,8 @@
 """An ASE constraint that moves a group of atoms as one rigid body (used to sample adsorbates).
 
-Why: ASE's FixBondLengths (SHAKE/RATTLE) over all pairs of an adsorbate is over-determined and
-fails to converge beyond ~4 atoms; projecting onto rigid motions is exact and cheap.
+Why not ASE's FixBondLengths (SHAKE/RATTLE) over all pairs of an adsorbate: that system is
+over-determined and does not converge for larger adsorbates (docs/notes/data.md); projecting onto
+rigid motions is exact and cheap.
 """
 
 from __future__ import annotations

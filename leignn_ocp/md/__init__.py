@@ -5,6 +5,9 @@
   with blow-up detection)
 * :mod:`leignn_ocp.md.metrics`    - stability (bond / RDF window), RDF and h(r) MAE, diffusivity
 * :mod:`leignn_ocp.md.reference`  - reference systems made with GFN2-xTB (tblite) and EMT
+* :mod:`leignn_ocp.md.benchmark`  - ``run_benchmark`` (reference, fairchem training, MD, metrics)
+
+Commands: ``leignn-md`` (``run``), ``leignn-md-reference``, ``leignn-md-benchmark``.
 
 Names are imported lazily so that ``leignn_ocp.md.metrics`` works without loading fairchem.
 """
@@ -20,6 +23,7 @@ _LAZY = {
     "BlowUpMonitor": "leignn_ocp.md.run",
     "evaluate_molecule": "leignn_ocp.md.metrics",
     "evaluate_condensed": "leignn_ocp.md.metrics",
+    "run_benchmark": "leignn_ocp.md.benchmark",
 }
 
 __all__ = list(_LAZY)

@@ -29,9 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from ase import Atoms
-from ase.calculators.calculator import Calculator, all_changes
+from ase.calculators.calculator import all_changes
 from fairchem.core.common.relaxation.ase_utils import OCPCalculator
-from fairchem.core.datasets import data_list_collater
 
 import leignn_ocp  # noqa: F401  (registers the model with fairchem's registry)
 
@@ -107,27 +106,24 @@ class LEIGNNCalculator(OCPCalculator):
                 p.copy_(s.to(p.device, p.dtype))
         return True
 
-    def atoms_to_batch(self, atoms: Atoms):
-        """The batch the model sees: positions wrapped into the cell for periodic atoms."""
+    def model_input(self, atoms: Atoms) -> Atoms:
+        """The structure the model sees: periodic positions wrapped into the cell (a copy)."""
         if self.wrap and atoms.pbc.any() and atoms.cell.rank == 3:
             atoms = atoms.copy()
             atoms.wrap(eps=1e-7)
         if atoms.pbc.any() and not self.use_pbc:
             log.debug("periodic atoms given to a model trained with use_pbc=False: no images are used")
-        data = self.a2g.convert(atoms)
-        return data_list_collater([data], otf_graph=True)
+        return atoms
 
     def calculate(self, atoms: Atoms | None = None, properties=("energy", "forces"),
                   system_changes=all_changes) -> None:
-        Calculator.calculate(self, atoms, properties, system_changes)
-        batch = self.atoms_to_batch(self.atoms)
-        predictions = self.trainer.predict(batch, per_image=False, disable_tqdm=True)
-        for key, pred in predictions.items():
-            pred = pred.detach().cpu()
-            if key == "energy":
-                self.results["energy"] = float(pred.reshape(-1)[0])
-                self.results["free_energy"] = self.results["energy"]
-            elif key == "forces":
-                self.results["forces"] = pred.numpy().astype(np.float64).reshape(-1, 3)
-            else:
-                self.results[key] = pred.numpy()
+        """fairchem's ``OCPCalculator.calculate`` (AtomsToGraphs -> collater -> trainer.predict)
+        on :meth:`model_input`; ASE's cache keeps the caller's (unwrapped) atoms."""
+        atoms = self.atoms if atoms is None else atoms
+        super().calculate(self.model_input(atoms), properties, system_changes)
+        self.atoms = atoms.copy()
+        if "energy" in self.results:
+            self.results["energy"] = float(self.results["energy"])
+            self.results["free_energy"] = self.results["energy"]
+        if "forces" in self.results:
+            self.results["forces"] = np.asarray(self.results["forces"], dtype=np.float64).reshape(-1, 3)  # [N, 3]

@@ -17,8 +17,8 @@ enough", TMLR 2023), for ASE trajectories.
   reported in A^2/ps and in 1e-5 cm^2/s (the unit of the LEIGNN/MDSim tables).
 
 Each ``evaluate_*`` function writes a JSON and PNGs; the array functions are plain numpy.
-Times come from ``atoms.info["time_fs"]`` (written by ``scripts/run_md.py`` and
-``scripts/make_md_reference.py``) or from an explicit ``frame_dt_fs``.
+Times come from ``atoms.info["time_fs"]`` (written by ``leignn-md`` / :func:`leignn_ocp.md.run.run_md`
+and ``leignn-md-reference``) or from an explicit ``frame_dt_fs``.
 """
 
 from __future__ import annotations
@@ -306,10 +306,17 @@ def plot_curves(r: np.ndarray, curves: dict[str, np.ndarray], path: Path, ylabel
 
 def plot_series(t: np.ndarray, series: dict[str, np.ndarray], threshold: float | None, path: Path,
                 xlabel: str, ylabel: str, title: str, step: bool = False) -> None:
+    """Curves sharing one x axis ``t``."""
+    plot_lines({label: (t, y) for label, y in series.items()}, path, xlabel, ylabel, title, threshold, step)
+
+
+def plot_lines(lines: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, xlabel: str, ylabel: str,
+               title: str, threshold: float | None = None, step: bool = False) -> None:
+    """One PNG with a line per ``label: (x, y)`` and an optional horizontal threshold."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, y in series.items():
-        (ax.step if step else ax.plot)(t, y, label=label, lw=1.2, **({"where": "post"} if step else {}))
+    for label, (x, y) in lines.items():
+        (ax.step if step else ax.plot)(x, y, label=label, lw=1.2, **({"where": "post"} if step else {}))
     if threshold is not None:
         ax.axhline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:g}")
     ax.set_xlabel(xlabel)
@@ -335,7 +342,7 @@ def _clean(x):
 
 
 def evaluate_molecule(traj: str | Path | Frames, reference: str | Path | Frames, out_dir: str | Path,
-                      name: str = "model", frame_dt_fs: float | None = None, ref_frame_dt_fs: float | None = None,
+                      name: str = "model", frame_dt_fs: float | None = None,
                       threshold: float = 0.5, nbins: int = 500, r_max: float = 6.0) -> dict:
     """Bond stability, h(r) MAE (over the stable part) and the plots, for a molecule."""
     out_dir = Path(out_dir)
@@ -409,17 +416,9 @@ def evaluate_condensed(traj: str | Path | Frames, reference: str | Path | Frames
                 out_dir / f"{name}_stability.png", "window start (ps)", f"RDF MAE of {window_ps:g} ps window",
                 f"{name}: RDF stability", step=True)
     if diff is not None:
-        plt = _plt()
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(ref_diff["lag_ps"], ref_diff["msd_A2"], label=f"reference (D={ref_diff['D_1e-5_cm2_per_s']:.3g})")
-        ax.plot(diff["lag_ps"], diff["msd_A2"], label=f"{name} (D={diff['D_1e-5_cm2_per_s']:.3g})")
-        ax.set_xlabel("lag (ps)")
-        ax.set_ylabel("MSD (Å²)")
-        ax.set_title("MSD; D in 1e-5 cm²/s")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out_dir / f"{name}_msd.png", dpi=120)
-        plt.close(fig)
+        plot_lines({f"reference (D={ref_diff['D_1e-5_cm2_per_s']:.3g})": (ref_diff["lag_ps"], ref_diff["msd_A2"]),
+                    f"{name} (D={diff['D_1e-5_cm2_per_s']:.3g})": (diff["lag_ps"], diff["msd_A2"])},
+                   out_dir / f"{name}_msd.png", "lag (ps)", "MSD (Å²)", "MSD; D in 1e-5 cm²/s")
     (out_dir / f"{name}_metrics.json").write_text(json.dumps(_clean(res), indent=2))
     return res
 

@@ -13,15 +13,16 @@ For each system the script writes, under ``--out/<system>/``:
                       ``atoms.info["time_fs"]``): the reference the metrics compare against;
 * ``replicate.traj``  an independent run (other seed, same protocol, length of a model
                       run): the noise floor of every metric ("the reference's own numbers");
-* ``train/``, ``val/`` fairchem S2EF LMDBs (``data.lmdb``) of frames drawn at random from
-                      ``reference.traj``, the way MD17 models are trained on MD17 frames;
+* ``train/``, ``val/`` fairchem S2EF LMDBs (``data.lmdb``) of disjoint frames drawn at random
+                      from ``reference.traj``, the way MD17 models are trained on MD17 frames;
+                      a frame's ``sid`` is its index in ``reference.traj``;
 * ``reference.json``  protocol, timings and where everything is.
 
 Usage::
 
-    python scripts/make_md_reference.py --system all --out data/md
-    python scripts/make_md_reference.py --system ethanol --ref-ps 10 --n-train 1000
-    python -m leignn_ocp.md.reference --system cu_liquid      # the same
+    leignn-md-reference --system all --out data/md
+    leignn-md-reference --system ethanol --ref-ps 10 --n-train 1000
+    python scripts/make_md_reference.py --system cu_liquid      # the same, old spelling
 
 The trajectory stage needs only ``ase`` (+ ``tblite`` for ethanol); the LMDB stage needs
 torch / torch_geometric (the project's virtualenv).
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -74,9 +76,13 @@ SYSTEMS = {
 
 def make_calculator(system: str):
     if system == "ethanol":
-        # NB: import tblite before torch in the process: torch's bundled libgomp lacks
-        # GOMP_5.0, which tblite's extension needs ("tblite C extension unimportable").
-        from tblite.ase import TBLite
+        try:
+            from tblite.ase import TBLite
+        except ImportError as err:  # see docs/notes/md.md, "tblite and torch's OpenMP runtime"
+            raise ImportError(
+                "GFN2-xTB needs tblite, imported before torch: torch's bundled libgomp shares "
+                "the soname libgomp.so.1 but lacks GOMP_5.0, which tblite's extension needs. "
+                "Install tblite and import tblite.ase (or leignn_ocp) before torch.") from err
 
         return TBLite(method="GFN2-xTB", verbosity=0)
     from ase.calculators.emt import EMT
@@ -172,19 +178,25 @@ def make_trajectories(system: str, out: Path, spec: dict, seed: int, log=print) 
     return timings
 
 
-def frames_to_lmdb(frames, path: Path, sid_offset: int = 0) -> int:
+def frames_to_lmdb(frames, path: Path, sids: Sequence[int] | None = None) -> int:
     """Write ASE frames (with energy and forces) as a fairchem S2EF LMDB directory, through
-    fairchem's ``AtomsToGraphs`` and the package's atomic LMDB writer."""
+    fairchem's ``AtomsToGraphs`` and the package's atomic LMDB writer.
+
+    ``sids`` name the frames (default ``0 .. len(frames) - 1``); give LMDBs that are read
+    side by side distinct sids, since fairchem's evaluation keys predictions by sid."""
     import torch
     from fairchem.core.preprocessing import AtomsToGraphs
 
     from leignn_ocp.data import write_lmdb_dir
 
     a2g = AtomsToGraphs(r_energy=True, r_forces=True, r_fixed=True, r_pbc=True, r_edges=False, r_distances=False)
+    sids = list(range(len(frames))) if sids is None else [int(i) for i in sids]
+    if len(sids) != len(frames) or len(set(sids)) != len(sids):
+        raise ValueError("frames_to_lmdb: need one distinct sid per frame")
     data = []
-    for i, atoms in enumerate(frames):
+    for sid, atoms in zip(sids, frames):
         d = a2g.convert(atoms)
-        d.sid = torch.tensor([sid_offset + i])
+        d.sid = torch.tensor([sid])
         d.fid = torch.tensor([0])
         d.energy = float(d.energy)
         data.append(d)
@@ -201,9 +213,9 @@ def make_lmdbs(system: str, out: Path, spec: dict, seed: int, n_train: int | Non
         raise SystemExit(f"{system}: asked for {n_train}+{n_val} frames, the reference has {len(frames)}")
     rng = np.random.default_rng(seed)
     idx = rng.permutation(len(frames))
-    tr, va = sorted(idx[:n_train]), sorted(idx[n_train:n_train + n_val])
-    frames_to_lmdb([frames[i] for i in tr], out / "train", sid_offset=0)
-    frames_to_lmdb([frames[i] for i in va], out / "val", sid_offset=0)
+    tr, va = sorted(idx[:n_train].tolist()), sorted(idx[n_train:n_train + n_val].tolist())
+    frames_to_lmdb([frames[i] for i in tr], out / "train", sids=tr)  # disjoint: distinct sids
+    frames_to_lmdb([frames[i] for i in va], out / "val", sids=va)
     e = np.array([frames[i].get_potential_energy() for i in tr])
     f = np.concatenate([frames[i].get_forces() for i in tr])
     stats = dict(n_train=len(tr), n_val=len(va), energy_mean=float(e.mean()), energy_std=float(e.std()),
@@ -212,8 +224,9 @@ def make_lmdbs(system: str, out: Path, spec: dict, seed: int, n_train: int | Non
     return stats
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    """``leignn-md-reference``."""
+    p = argparse.ArgumentParser(prog="leignn-md-reference", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--system", choices=[*SYSTEMS, "all"], default="all")
     p.add_argument("--out", type=Path, default=Path("data/md"))
     p.add_argument("--seed", type=int, default=0)
@@ -239,7 +252,8 @@ def main(argv=None) -> None:
         if a.stage in ("all", "lmdb"):
             meta["lmdb"] = make_lmdbs(system, out, spec, a.seed, a.n_train, a.n_val)
         meta_path.write_text(json.dumps(meta, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,0 +1,121 @@
+"""Checkpoints back into fairchem trainers, and the loaders that feed them one LMDB split."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def find_checkpoint(path: str | Path, which: str = "final") -> Path:
+    """A checkpoint file, or the checkpoint inside a fairchem run / checkpoint directory.
+
+    which: "final" -> checkpoint.pt (end of training), "best" -> best_checkpoint.pt (best val).
+    """
+    p = Path(path)
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        raise FileNotFoundError(f"no checkpoint or run directory at {p}")
+    names = ["checkpoint.pt", "best_checkpoint.pt"]
+    if which == "best":
+        names.reverse()
+    for name in names:
+        hits = sorted(p.rglob(name), key=lambda f: f.stat().st_mtime)
+        if hits:
+            if len(hits) > 1:
+                log.warning(f"{len(hits)} {name} under {p}; using the newest, {hits[-1]}")
+            return hits[-1]
+    raise FileNotFoundError(f"no checkpoint.pt / best_checkpoint.pt under {p}")
+
+
+def load_trainer(checkpoint: str | Path, cpu: bool = True, run_dir: str | Path | None = None):
+    """fairchem OCPTrainer rebuilt from a checkpoint's own config, weights + EMA + normalizers loaded.
+
+    Built as fairchem's OCPCalculator builds it (inference_only: no datasets, loss or optimizer; the
+    normalizers come from the checkpoint). A checkpoint.pt stores the raw weights and their EMA; the
+    EMA is restored here so evaluation sees the weights fairchem's own validation sees.
+    With run_dir=None the trainer is in debug mode (writes nothing); predict() needs a run_dir.
+    """
+    import torch
+    from fairchem.core.common.registry import registry
+    from fairchem.core.common.utils import setup_imports, update_config
+    from fairchem.core.datasets import data_list_collater
+    from fairchem.core.modules.exponential_moving_average import ExponentialMovingAverage
+
+    import leignn_ocp  # noqa: F401  (registers the model)
+
+    setup_imports()
+    ckpt = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
+    config = update_config(copy.deepcopy(ckpt["config"]))
+    model = dict(config["model"])
+    model.pop("scale_file", None)  # the fitted scale factors are in the state dict
+    train = dict(config.get("dataset") or {})
+    data_cfg = {k: v for k, v in train.items() if k in ("format", "key_mapping", "a2g_args")}
+    data_cfg.setdefault("format", "lmdb")
+    trainer = registry.get_trainer_class(config.get("trainer", "ocp"))(
+        task=config.get("task", {}),
+        model=model,
+        outputs=config["outputs"],
+        dataset={"train": data_cfg},
+        optimizer=config["optim"],
+        loss_functions=config["loss_functions"],
+        evaluation_metrics=config.get("evaluation_metrics", {}),
+        identifier="evaluate",
+        local_rank=0,
+        timestamp_id="evaluate",
+        run_dir=str(run_dir) if run_dir is not None else None,
+        is_debug=run_dir is None,
+        logger=config.get("logger", "tensorboard"),
+        cpu=cpu,
+        amp=False,
+        print_every=10**9,
+        seed=config.get("cmd", {}).get("seed", 0) or 0,
+        inference_only=True,
+    )
+    # set by load_datasets, which inference_only skips
+    trainer.collater = functools.partial(data_list_collater, otf_graph=trainer.config["model"].get("otf_graph", False))
+    if ckpt.get("ema") is not None:
+        decay = config["optim"].get("ema_decay") or 0.999  # load_state_dict restores the decay
+        trainer.ema = ExponentialMovingAverage(trainer.model.parameters(), decay)
+    trainer.load_checkpoint(str(checkpoint), checkpoint=ckpt, inference_only=True)
+    return trainer
+
+
+def checkpoint_params(checkpoint: str | Path) -> int:
+    """Trainable parameters of a checkpoint's model, rebuilt from its config (buffers not counted)."""
+    import torch
+
+    from leignn_ocp import lineup
+
+    config = torch.load(str(checkpoint), map_location="cpu", weights_only=False)["config"]
+    return lineup.count_params(lineup.build_model(config["model"]))
+
+
+def split_loader(trainer, src: str | Path, batch_size: int | None = None):
+    """A fairchem dataset + loader for one LMDB folder, with the checkpoint's data settings."""
+    from fairchem.core.datasets.base_dataset import create_dataset
+
+    src = Path(src)
+    if not src.exists():
+        raise FileNotFoundError(f"split {src} does not exist")
+    cfg = {k: v for k, v in trainer.config["dataset"].items() if k != "transforms"}
+    cfg["src"] = str(src)
+    ds = create_dataset(cfg, "test")
+    bs = batch_size or trainer.config["optim"].get("eval_batch_size", trainer.config["optim"].get("batch_size", 8))
+    sampler = trainer.get_sampler(ds, bs, shuffle=False)
+    return trainer.get_dataloader(ds, sampler)
+
+
+def close_lmdb(obj) -> None:
+    """Close the LMDB environments of a loader or dataset (and of the datasets it wraps) now:
+    py-lmdb refuses to open one folder twice in a process."""
+    ds, seen = obj, 0
+    while ds is not None and seen < 9:
+        for env in [getattr(ds, "env", None), *(getattr(ds, "envs", None) or [])]:
+            if env is not None:
+                env.close()
+        ds, seen = getattr(ds, "dataset", None), seen + 1

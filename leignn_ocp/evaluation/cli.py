@@ -1,0 +1,200 @@
+"""The paper's Table 1 with fairchem's trainer and evaluator, and OC20 leaderboard files.
+
+Sub-commands (``leignn-evaluate <cmd> -h`` for the options; ``python -m leignn_ocp.evaluation`` and
+``python scripts/evaluate.py`` are the same command):
+
+  quick    one checkpoint (or run directory) -> its 4-split table printed (and --out files);
+           the default when the first argument is not a sub-command
+             leignn-evaluate quick runs/default/checkpoints/leignn
+             leignn-evaluate --checkpoint CKPT --data data/default/s2ef --out results/default
+  table    several checkpoints / run directories -> Table 1 as Markdown, CSV and a grouped bar PNG
+             leignn-evaluate table --run LEIGNN=<ckpt|dir> --run PaiNN=<ckpt|dir> ... --out results/table1
+  lineup   train every config of a folder with the fairchem CLI for one shared budget, then `table`
+             leignn-evaluate lineup --config-dir configs/s2ef/default --epochs 5 \\
+                 --train-size 1000 --eval-size 100 --out results/default_lineup   # CPU, embedded data
+             leignn-evaluate lineup --config-dir configs/s2ef/200k --which best \\
+                 --data-root data/s2ef/all --gpu --out results/oc20_200k           # the paper's Table 1
+  predict  fairchem's predict mode (trainer.predict, what `fairchem --mode predict` runs) on the four
+           test splits + the S2EF submission file in the format of fairchem's make_submission_file
+             leignn-evaluate predict <ckpt> --data-root data/s2ef/all --split-prefix test_ --out sub/
+  fit-scales  fit PaiNN / GemNet ScaleFactors on a config's training data -> --model.scale_file=<json>
+             leignn-evaluate fit-scales --out gemnet_dt.json --mode train \\
+                 --config-yml configs/s2ef/200k/gemnet_dt.yml
+  score    the local scorer: a submission .npz against labelled LMDBs, with fairchem's Evaluator
+             leignn-evaluate score sub/submission.npz --data-root data/default/s2ef
+
+Splits: ID, OOD-Ads, OOD-Cat, OOD-Both are the LMDB folders <data-root>/<prefix>{id,ood_ads,ood_cat,ood_both}
+(prefix ``val_`` for the labelled S2EF validation sets, ``test_`` for the leaderboard test sets).
+Metrics (fairchem's ``Evaluator``, free atoms only, as OC20 scores S2EF): energy MAE (meV),
+force MAE (meV/Å, over the x/y/z components), force cosine similarity, and EFwT (% of structures
+with |dE| < 0.02 eV and every free-atom |dF component| < 0.03 eV/Å).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from leignn_ocp import lineup
+from leignn_ocp.evaluation.checkpoints import find_checkpoint
+from leignn_ocp.evaluation.metrics import evaluate_checkpoint
+from leignn_ocp.evaluation.runs import run_lineup
+from leignn_ocp.evaluation.scales import fit_scales
+from leignn_ocp.evaluation.submission import make_submission, predict_splits, score_submission
+from leignn_ocp.evaluation.tables import markdown_table, write_outputs
+
+PROG = "leignn-evaluate"
+COMMANDS = ("quick", "table", "lineup", "predict", "score", "fit-scales")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    def common(p, default_prefix="val_"):
+        p.add_argument("--data-root", "--data", default="data/default/s2ef",
+                       help="folder holding <prefix>{id,ood_ads,ood_cat,ood_both} (OC20: data/s2ef/all)")
+        p.add_argument("--split-prefix", default=default_prefix)
+        p.add_argument("--gpu", action="store_true", help="evaluate on the GPU (default: CPU)")
+        p.add_argument("--batch-size", type=int, default=None)
+
+    p = sub.add_parser("quick", help="one checkpoint -> 4-split table on stdout (the default command)")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint file or fairchem run/checkpoint directory")
+    p.add_argument("--checkpoint", dest="checkpoint_opt", default=None, help="same as the positional")
+    p.add_argument("--which", choices=["final", "best"], default="final")
+    p.add_argument("--name", default=None)
+    p.add_argument("--out", default=None, help="also write table1.{md,csv,png,json} here")
+    common(p)
+
+    p = sub.add_parser("table", help="checkpoints / run dirs -> Table 1 (md, csv, png)")
+    p.add_argument("--run", action="append", required=True, metavar="NAME=PATH")
+    p.add_argument("--which", choices=["final", "best"], default="final")
+    p.add_argument("--out", default="results/table1")
+    p.add_argument("--title", default="")
+    common(p)
+
+    p = sub.add_parser("lineup", help="train every config of a folder for an equal budget, then Table 1")
+    p.add_argument("--config-dir", default="configs/s2ef/default")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="the shared budget: epochs of the train split for every model (default: each "
+                        "config's own optim.max_epochs, i.e. each model's published recipe)")
+    p.add_argument("--which", choices=["final", "best"], default="final",
+                   help="checkpoint scored: final (default data, whose val is val_id) or best on the internal "
+                        "validation split (the paper's OC20-200K/50K protocol)")
+    p.add_argument("--models", nargs="*", default=None,
+                   help=f"subset of {', '.join(lineup.KEYS)} (keys or aliases; default: every one with a config)")
+    p.add_argument("--out", default="results/default_lineup")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-fit-scales", action="store_true", help="leave PaiNN/GemNet ScaleFactors unfitted")
+    p.add_argument("--scale-batches", type=int, default=None,
+                   help="batches per ScaleFactor fit (fairchem's default 16; lineup default 4 on CPU, 16 on GPU)")
+    p.add_argument("--data-root", default="data/default/s2ef")
+    p.add_argument("--train-size", type=int, default=None,
+                   help="train every model on the same seeded random subset of this many structures of "
+                        "<data-root>/train (meant for the embedded data; with OC20 configs leave it out)")
+    p.add_argument("--eval-size", type=int, default=None,
+                   help="validate / test on seeded random subsets of this many structures per val split")
+    p.add_argument("--gpu", action="store_true")
+    p.add_argument("fairchem_args", nargs="*", help="extra fairchem CLI overrides, after --")
+
+    p = sub.add_parser("predict", help="predict mode on the 4 test splits + S2EF submission file")
+    p.add_argument("checkpoint")
+    p.add_argument("--which", choices=["final", "best"], default="best")
+    p.add_argument("--out", default="results/submission")
+    common(p, default_prefix="test_")
+
+    p = sub.add_parser("score", help="local scorer: submission .npz vs labelled splits")
+    p.add_argument("submission")
+    p.add_argument("--out", default=None)
+    common(p)
+
+    # listed for --help only: main() hands its arguments to fairchem's own parser
+    sub.add_parser("fit-scales", add_help=False,
+                   help="fit ScaleFactors: --out FILE.json [--num-batches N] <fairchem --mode train arguments>")
+    return ap
+
+
+def _fit_scales_main(argv: Sequence[str]) -> int:
+    """fit-scales --out FILE.json [--num-batches N] <the arguments of `fairchem --mode train`>."""
+    fp = argparse.ArgumentParser(prog=f"{PROG} fit-scales", description=fit_scales.__doc__)
+    fp.add_argument("--out", required=True, help="scale file to write (.json)")
+    fp.add_argument("--num-batches", type=int, default=16)
+    fa, rest = fp.parse_known_args(list(argv))
+    fit_scales(rest, Path(fa.out), fa.num_batches)
+    return 0
+
+
+def _lineup_note(a, r: dict, argv: Sequence[str]) -> str:
+    """The table's header: budget, data and the command that made it."""
+    cpu = not a.gpu
+    sizes = ""
+    if r["data"] != Path(a.data_root):
+        spec = json.loads((Path(r["data"]) / "subset.json").read_text())
+        sizes = (f" Data: seeded random subsets of {a.data_root} (seed {a.seed}): "
+                 + ", ".join(f"{k[2:]} {v}" for k, v in spec.items() if k.startswith("n_")) + " structures.")
+    budget = f"for {a.epochs} epoch(s)" if a.epochs is not None else "for its config's own optim.max_epochs"
+    note = (f"Budget: every model trained with `{Path(a.config_dir)}/<model>.yml` {budget} "
+            f"on the same training set (seed {a.seed}, {'GPU' if not cpu else 'CPU'}"
+            f"{', extra args ' + ' '.join(a.fairchem_args) if a.fairchem_args else ''}); the {a.which} checkpoint "
+            f"(EMA weights) evaluated on {r['data']}/val_{{id,ood_ads,ood_cat,ood_both}}.{sizes} "
+            f"Line-up wall time {r['wall_s'] / 60:.1f} min. Energy MAE meV, force MAE meV/Å "
+            f"(free atoms), force cosine, EFwT %; params = trainable parameters, train_s includes "
+            f"process start, normalizer and scale-factor fitting and any per-epoch validation.")
+    return note + f"\n\nCommand: `{PROG} " + " ".join(argv) + "`"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    if argv and argv[0] == "fit-scales":
+        return _fit_scales_main(argv[1:])
+    ap = _parser()
+    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+        argv = ["quick", *argv]  # `leignn-evaluate --checkpoint CKPT ...` = quick
+    a = ap.parse_args(argv)
+    cpu = not getattr(a, "gpu", False)
+
+    if a.cmd == "quick":
+        if not (a.checkpoint or a.checkpoint_opt):
+            raise SystemExit("quick: give a checkpoint file or run directory")
+        ckpt = find_checkpoint(a.checkpoint or a.checkpoint_opt, a.which)
+        name = a.name or ckpt.parent.name
+        res = {name: evaluate_checkpoint(ckpt, a.data_root, a.split_prefix, cpu, a.batch_size)}
+        print(markdown_table(res), end="")
+        if a.out:
+            write_outputs(res, Path(a.out), title=f"{name}: {ckpt}")
+    elif a.cmd == "table":
+        results = {}
+        for spec in a.run:
+            if "=" not in spec:
+                raise SystemExit(f"--run expects NAME=PATH, got {spec!r}")
+            name, path = spec.split("=", 1)
+            results[name] = evaluate_checkpoint(find_checkpoint(path, a.which), a.data_root, a.split_prefix, cpu,
+                                                a.batch_size)
+        print(write_outputs(results, Path(a.out), a.title), end="")
+        print(f"wrote {a.out}/table1.{{md,csv,png,json}}")
+    elif a.cmd == "lineup":
+        out = Path(a.out)
+        r = run_lineup(Path(a.config_dir), out, epochs=a.epochs, data_root=Path(a.data_root), models=a.models,
+                       cpu=cpu, seed=a.seed, fit_scales=not a.no_fit_scales, extra_args=a.fairchem_args,
+                       train_size=a.train_size, eval_size=a.eval_size,
+                       scale_batches=a.scale_batches or (4 if cpu else 16), which=a.which)
+        md = write_outputs(r["results"], out, "Table 1 on the embedded data", r["extra"], _lineup_note(a, r, argv))
+        print(md, end="")
+        print(f"wrote {out}/table1.{{md,csv,png,json}}")
+    elif a.cmd == "predict":
+        ckpt = find_checkpoint(a.checkpoint, a.which)
+        files = predict_splits(ckpt, a.data_root, Path(a.out), a.split_prefix, cpu, a.batch_size)
+        path = make_submission(files, Path(a.out) / "submission.npz")
+        print(f"submission file: {path}")
+    elif a.cmd == "score":
+        res = {Path(a.submission).stem: score_submission(a.submission, a.data_root, a.split_prefix)}
+        print(markdown_table(res), end="")
+        if a.out:
+            write_outputs(res, Path(a.out), title=f"score of {a.submission}")
+    return 0

@@ -1,0 +1,162 @@
+"""The line-up: every model of a config folder trained by the real ``fairchem`` CLI for one shared
+budget on the same (optionally subset) data, then scored on the four val splits.
+
+Training runs ``fairchem --mode train`` as a subprocess, as a user would; ScaleFactor fitting runs
+as ``python -m leignn_ocp.evaluation fit-scales`` in its own process (fairchem keeps global state:
+registry, distributed setup). Both get the same argument list from :func:`train_args`. Relative
+paths (configs, data, output) are relative to the current working directory, for the subprocesses too.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from leignn_ocp import lineup
+from leignn_ocp.evaluation.checkpoints import checkpoint_params, find_checkpoint
+from leignn_ocp.evaluation.metrics import evaluate_checkpoint
+from leignn_ocp.evaluation.scales import has_scale_factors
+from leignn_ocp.evaluation.tables import write_outputs
+
+log = logging.getLogger(__name__)
+
+
+def subset_data(data_root: Path, out: Path, train_size: int | None, eval_size: int | None, seed: int) -> Path:
+    """Seeded random subsets of the train split (train_size structures) and of each of the four
+    val splits (eval_size structures) under <out>/data, for a line-up that must fit a CPU budget.
+    Records are copied byte for byte (leignn_ocp.data.splits). Returns the data root to use."""
+    data_root, out = Path(data_root), Path(out)
+    if train_size is None and eval_size is None:
+        return data_root
+    from leignn_ocp.data.lmdb_io import validate_lmdb
+    from leignn_ocp.data.splits import split_lmdb
+
+    dst = out / "data"
+    spec = {"source": str(data_root), "train_size": train_size, "eval_size": eval_size, "seed": seed}
+    stamp = dst / "subset.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == spec:
+        return dst
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    for split in ["train", *(f"val_{s}" for _, s, _ in lineup.SPLITS)]:
+        src = data_root / split
+        size = train_size if split == "train" else eval_size
+        n = validate_lmdb(src, required=(), max_check=1)
+        frac = 1.0 if size is None or size >= n else size / n
+        staging = dst / f".{split}"
+        split_lmdb(src, staging, (split,), (1.0,), seed=seed, subset_frac=frac, overwrite=True)
+        (staging / split).rename(dst / split)
+        shutil.rmtree(staging)
+        spec[f"n_{split}"] = validate_lmdb(dst / split, required=(), max_check=1)
+    stamp.write_text(json.dumps(spec, indent=1))
+    log.info(f"line-up data subsets in {dst}: {spec}")
+    return dst
+
+
+def fairchem_cli() -> str:
+    """The ``fairchem`` console script of this interpreter's environment, else the one on PATH."""
+    exe = Path(sys.executable).with_name("fairchem")
+    return str(exe) if exe.exists() else (shutil.which("fairchem") or "fairchem")
+
+
+def train_args(config: Path, run_dir: Path, timestamp_id: str, identifier: str, *, seed: int = 0,
+               epochs: int | None = None, data: Path | None = None, cpu: bool = True,
+               extra: Sequence[str] = ()) -> list[str]:
+    """The arguments of ``fairchem`` that train one config of a line-up.
+
+    epochs: the shared budget (``--optim.max_epochs``; None keeps the config's own).
+    data: a data root whose ``train`` and ``val_id`` replace the config's train / val sources.
+    extra: further fairchem overrides, as given on the command line.
+    """
+    args = ["--mode", "train", "--config-yml", str(config), "--run-dir", str(run_dir),
+            "--timestamp-id", timestamp_id, "--identifier", identifier, "--seed", str(seed),
+            "--print-every", "50"]
+    if epochs is not None:
+        args.append(f"--optim.max_epochs={epochs}")
+    if data is not None:
+        args += [f"--dataset.train.src={Path(data) / 'train'}", f"--dataset.val.src={Path(data) / 'val_id'}"]
+    args += list(extra)
+    if cpu:
+        args.append("--cpu")
+    return args
+
+
+def run_logged(cmd: Sequence[str], logfile: Path) -> None:
+    """Run a command with its output in ``logfile``; on failure raise with the log's tail."""
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    log.info(" ".join(map(str, cmd)))
+    with open(logfile, "w") as f:
+        p = subprocess.run(list(map(str, cmd)), stdout=f, stderr=subprocess.STDOUT)
+    if p.returncode:
+        tail = "".join(open(logfile).readlines()[-30:])
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({p.returncode}); log {logfile}:\n{tail}")
+
+
+def lineup_keys(config_dir: Path, models: Sequence[str] | None = None) -> list[str]:
+    """Config stems to train: ``models`` (keys, aliases or labels of leignn_ocp.lineup; other names
+    are taken as config stems) or every registry entry that has a config in ``config_dir``."""
+    if not models:
+        return [k for k in lineup.KEYS if (config_dir / f"{k}.yml").is_file()]
+    keys = []
+    for name in models:
+        try:
+            keys.append(lineup.get(name).key)
+        except KeyError:
+            keys.append(name)  # a config of the user's own, checked below
+    unknown = [k for k in keys if not (config_dir / f"{k}.yml").is_file()]
+    if unknown:
+        raise SystemExit(f"no config {', '.join(str(config_dir / f'{k}.yml') for k in unknown)} "
+                         f"(the line-up has {', '.join(lineup.KEYS)})")
+    return keys
+
+
+def run_lineup(config_dir: Path, out: Path, *, epochs: int | None = None, data_root: Path = Path("data/default/s2ef"),
+               models: Sequence[str] | None = None, cpu: bool = True, seed: int = 0, fit_scales: bool = True,
+               extra_args: Sequence[str] = (), train_size: int | None = None, eval_size: int | None = None,
+               scale_batches: int = 16, which: str = "final") -> dict:
+    """Train each config with the fairchem CLI for the same number of epochs on the same data, then
+    evaluate every checkpoint (``which``: final or best) on the four val splits of ``data_root``
+    (or of their subsets). Writes a partial table after every model.
+
+    Returns {"results", "extra" (params, train_s, eval_s per row), "data" (root scored), "wall_s"}.
+    """
+    config_dir, out, data_root = Path(config_dir), Path(out), Path(data_root)
+    keys = lineup_keys(config_dir, models)
+    data = subset_data(data_root, out, train_size, eval_size, seed)
+    runs = out / "runs"
+    args = functools.partial(train_args, run_dir=runs, seed=seed, epochs=epochs,
+                             data=data if data != data_root else None, cpu=cpu, extra=extra_args)
+    results, extra = {}, {}
+    t_all = time.time()
+    for key in keys:
+        cfg = config_dir / f"{key}.yml"
+        ckpt_dir = runs / "checkpoints" / key
+        if ckpt_dir.exists():
+            shutil.rmtree(ckpt_dir)
+        train = [fairchem_cli(), *args(cfg, timestamp_id=key, identifier=key)]
+        t0 = time.time()
+        if fit_scales and has_scale_factors(cfg):
+            scale_json = runs / "scale_factors" / f"{key}.json"
+            run_logged([sys.executable, "-m", "leignn_ocp.evaluation", "fit-scales", "--out", str(scale_json),
+                        "--num-batches", str(scale_batches), *args(cfg, timestamp_id=f"{key}_fit", identifier=key)],
+                       runs / f"{key}_fit_scales.log")
+            train.append(f"--model.scale_file={scale_json}")
+        run_logged(train, runs / f"{key}.log")
+        train_s = time.time() - t0
+        ckpt = find_checkpoint(ckpt_dir, which)
+        row = lineup.label(key)
+        t0 = time.time()
+        results[row] = evaluate_checkpoint(ckpt, data, "val_", cpu=cpu)
+        extra[row] = {"params": checkpoint_params(ckpt), "train_s": round(train_s, 1),
+                      "eval_s": round(time.time() - t0, 1)}
+        log.info(f"{row}: trained in {train_s:.0f} s, evaluated in {extra[row]['eval_s']:.0f} s")
+        write_outputs(results, out, extra=extra)
+    return {"results": results, "extra": extra, "data": data, "wall_s": time.time() - t_all}
