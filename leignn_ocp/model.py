@@ -23,6 +23,7 @@ from fairchem.core.models.gemnet.layers.embedding_block import AtomEmbedding
 from fairchem.core.models.gemnet.layers.radial_basis import RadialBasis
 
 from leignn_ocp import ops
+from leignn_ocp.checks import check_input
 
 UPDATES = ("nmu", "painn")
 
@@ -64,15 +65,17 @@ class Message(nn.Module):
         ds_i = sum_j c_ij                                        [N, F]
         dv_i = sum_j (a_ij * v_j + b_ij (x) e_ij) / sqrt(F)      [N, 3, F]
 
-    phi: Linear(F->F/2), sigma, Linear(F/2->3F); W: Linear(num_rbf->3F). The 1/sqrt(3) and
+    phi: Linear(F->F/2), sigma, Linear(F/2->3F); W: Linear(num_rbf->3F), with a bias only if
+    ``filter_bias`` (a bias b keeps phi(s_j) * b on an edge at r_c, where rbf = 0, so the energy
+    jumps as a neighbour crosses the cutoff; without it every edge term vanishes there). The 1/sqrt(3) and
     1/sqrt(F) are folded into phi(s), per atom instead of per edge; ``ops.message`` does the
     gather, filter and sum. ``v=None`` stands for v = 0 (the a_ij * v_j term is skipped).
     """
 
-    def __init__(self, F: int, num_rbf: int) -> None:
+    def __init__(self, F: int, num_rbf: int, filter_bias: bool = True) -> None:
         super().__init__()
         self.phi = _mlp(F, F // 2, 3 * F)
-        self.rbf_proj = nn.Linear(num_rbf, 3 * F)  # W
+        self.rbf_proj = nn.Linear(num_rbf, 3 * F, bias=filter_bias)  # W
         self.inv_sqrt_3 = 1.0 / math.sqrt(3.0)
         self.inv_sqrt_F = 1.0 / math.sqrt(F)
 
@@ -157,10 +160,10 @@ class InteractionLayer(nn.Module):
     """
 
     def __init__(self, F: int, num_rbf: int, update: str, global_messages: bool, norm_eps: float,
-                 aggregate: bool = True) -> None:
+                 aggregate: bool = True, filter_bias: bool = True) -> None:
         super().__init__()
         self.distribute = GlobalDistribute(F) if global_messages else None
-        self.message = Message(F, num_rbf)
+        self.message = Message(F, num_rbf, filter_bias)
         self.update = Update(F, update, norm_eps)
         self.aggregate = GlobalAggregate(F) if (global_messages and aggregate) else None
         self.inv_sqrt_2 = 1.0 / math.sqrt(2.0)
@@ -192,6 +195,8 @@ class LEIGNN(nn.Module, GraphModelMixin):
     ``direct_forces`` picks the vector-feature force head (paper) or -dE/dx (conservative).
     ``zero_init_energy`` starts MLP_E's last layer at zero, so every structure's initial
     energy is the normaliser's mean (why: ``docs/notes/model.md``).
+    ``filter_bias``: the radial filter W has a bias (as PaiNN's; every measured number so far);
+    False makes energy and forces continuous as a neighbour crosses r_c (``Message``).
     ``chunked_messages``: on CPU with direct forces (no gradient on positions) the message step
     runs as ``ops.message``'s fused, chunked kernel; False (or GPU): plain tensor ops, same numbers.
     """
@@ -203,6 +208,7 @@ class LEIGNN(nn.Module, GraphModelMixin):
         regress_forces: bool = True, use_pbc: bool = True, use_pbc_single: bool = False,
         otf_graph: bool = True, enforce_max_neighbors_strictly: bool = True, num_elements: int = 118,
         norm_eps: float = 1e-8, zero_init_energy: bool = True, chunked_messages: bool = True,
+        filter_bias: bool = True,
     ) -> None:
         super().__init__()
         if update not in UPDATES:
@@ -225,6 +231,7 @@ class LEIGNN(nn.Module, GraphModelMixin):
         self.num_elements = num_elements
         self.zero_init_energy = zero_init_energy
         self.chunked_messages = chunked_messages
+        self.filter_bias = filter_bias
 
         F = hidden_channels
         self.atom_emb = AtomEmbedding(F, num_elements)
@@ -234,7 +241,8 @@ class LEIGNN(nn.Module, GraphModelMixin):
         # g_b: one trainable row, copied for every graph; u starts at zero
         self.global_emb = nn.Parameter(torch.randn(1, F)) if global_messages else None
         self.layers = nn.ModuleList(
-            InteractionLayer(F, num_rbf, update, global_messages, norm_eps, aggregate=k < num_layers - 1)
+            InteractionLayer(F, num_rbf, update, global_messages, norm_eps,
+                             aggregate=k < num_layers - 1, filter_bias=filter_bias)
             for k in range(num_layers)
         )
         self.out_energy = _mlp(F, F // 2, 1)  # MLP_E
@@ -249,37 +257,6 @@ class LEIGNN(nn.Module, GraphModelMixin):
                     nn.init.zeros_(m.bias)
         if self.zero_init_energy:
             nn.init.zeros_(self.out_energy[-1].weight)  # initial energy = 0 (the normaliser's mean)
-
-    def _check_input(self, data) -> None:
-        """Raise on input the model would otherwise turn into NaN or garbage."""
-        z = data.atomic_numbers
-        if z.numel() == 0:
-            raise ValueError("LEIGNN: empty structure (no atoms)")
-        if not torch.isfinite(data.pos).all():
-            bad = (~torch.isfinite(data.pos).all(dim=-1)).nonzero().flatten().tolist()
-            raise ValueError(f"LEIGNN: non-finite positions for atoms {bad[:10]}")
-        zl = z.long()
-        if (zl.to(z.dtype) != z).any() or zl.min() < 1 or zl.max() > self.num_elements:
-            bad = sorted(set(z[(zl < 1) | (zl > self.num_elements) | (zl.to(z.dtype) != z)].tolist()))
-            raise ValueError(
-                f"LEIGNN: atomic numbers {bad} outside the embedding (1..{self.num_elements})"
-            )
-        if self.use_pbc:
-            cell = getattr(data, "cell", None)
-            if cell is None:
-                raise ValueError("LEIGNN: use_pbc=True but the structure has no cell")
-            cell = cell.view(-1, 3, 3)
-            if not torch.isfinite(cell).all():
-                raise ValueError("LEIGNN: use_pbc=True but the cell has non-finite entries")
-            vol = torch.linalg.det(cell.double()).abs()
-            pbc = getattr(data, "pbc", None)
-            if pbc is None or bool(torch.atleast_2d(pbc).any()):
-                if (vol < 1e-6).any():
-                    bad = (vol < 1e-6).nonzero().flatten().tolist()
-                    raise ValueError(
-                        f"LEIGNN: use_pbc=True but structures {bad} in the batch have a zero-volume "
-                        "cell (periodic structure without a cell)"
-                    )
 
     def _graph(self, data):
         """Edges j -> i within the cutoff, at most ``max_neighbors`` nearest per receiver i.
@@ -308,7 +285,7 @@ class LEIGNN(nn.Module, GraphModelMixin):
 
     @conditional_grad(torch.enable_grad())
     def forward(self, data) -> dict[str, torch.Tensor]:
-        self._check_input(data)
+        check_input(data, self.num_elements, self.use_pbc)
         pos = data.pos
         if self.regress_forces and not self.direct_forces:
             pos.requires_grad_(True)

@@ -133,11 +133,11 @@ def edges(src, dst, e, rbf, dist, chunked: bool = False) -> Edges:
 
 
 def message(phi: torch.Tensor, v: torch.Tensor | None, edges: Edges, weight: torch.Tensor,
-            bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Continuous-filter messages j -> i summed into the receivers.
 
     phi `[N, 3F]` (phi(s), already scaled), v `[N, 3, F]` or None (v = 0: the a_ij v_j term is
-    skipped), ``weight`` `[3F, K]` and ``bias`` `[3F]` of the filter W. With
+    skipped), ``weight`` `[3F, K]` and ``bias`` `[3F]` (or None) of the filter W. With
     ``[a, b, c] = phi[src] * (rbf @ weight.T + bias)`` (F-blocks):
     ``ds = sum_j c`` `[N, F]` and ``dv = sum_j a * v_j + b (x) e`` `[N, 3, F]`.
 
@@ -169,8 +169,12 @@ def _chunked_message(*args):
 def _chunk_filter(rbf, weight, bias, c0, c1, lo, hi):
     """``W(rbf)`` for edges c0:c1 from basis columns lo:hi only: [m, 3F]."""
     if hi > lo:
+        if bias is None:
+            return rbf[c0:c1, lo:hi] @ weight[:, lo:hi].t()
         return torch.addmm(bias, rbf[c0:c1, lo:hi], weight[:, lo:hi].t())
-    return bias.expand(c1 - c0, -1).clone()  # every basis value of the chunk is zero
+    if bias is None:  # every basis value of the chunk is zero
+        return rbf.new_zeros(c1 - c0, weight.shape[0])
+    return bias.expand(c1 - c0, -1).clone()
 
 
 class _ChunkedMessage(torch.autograd.Function):
@@ -213,7 +217,7 @@ class _ChunkedMessage(torch.autograd.Function):
         grad_phi = torch.zeros_like(phi) if need_phi else None
         grad_v = torch.zeros_like(v2) if (need_v and v2 is not None) else None
         grad_w = torch.zeros_like(weight) if need_w else None
-        grad_b = torch.zeros_like(bias) if need_b else None
+        grad_b = torch.zeros_like(bias) if (need_b and bias is not None) else None
         for c0, c1, lo, hi in ctx.chunks:
             s_, d_, e_ = src[c0:c1], dst[c0:c1], e[c0:c1].unsqueeze(2)
             R = _chunk_filter(rbf, weight, bias, c0, c1, lo, hi)  # [m, 3F]

@@ -198,11 +198,12 @@ def test_fairchem_cli_builds_the_config_from_another_directory(monkeypatch, tmp_
 # --------------------------------------------------------------------------- parameter counts
 
 
-def expected_leignn_params(F: int, L: int, R: int, update: str, global_messages: bool, n_elem: int = 118) -> int:
+def expected_leignn_params(F: int, L: int, R: int, update: str, global_messages: bool, n_elem: int = 118,
+                           filter_bias: bool = True) -> int:
     """Trainable parameters of LEIGNN, counted from the equations of shared/design/LEIGNN.md."""
     lin = lambda i, o, bias=True: i * o + (o if bias else 0)  # noqa: E731
     embed = n_elem * F
-    message = lin(F, F // 2) + lin(F // 2, 3 * F) + lin(R, 3 * F)  # phi and W(rbf)
+    message = lin(F, F // 2) + lin(F // 2, 3 * F) + lin(R, 3 * F, bias=filter_bias)  # phi and W(rbf)
     # NMU and PaiNN's update read the same W_u and MLP_u ([s || |V|] -> 3F); only the use differs
     upd = lin(F, 2 * F, bias=False) + lin(2 * F, F) + lin(F, 3 * F)
     block = lin(2 * F, F) + lin(F, F) + lin(F, F, bias=False)  # MLP_d / MLP_a and W_d / W_a
@@ -236,3 +237,14 @@ def test_expected_formula_by_hand():
     # two more blocks (its distribute and the first layer's aggregate)
     assert expected_leignn_params(2, 1, 1, "nmu", True) == 306 + 20 + 2
     assert expected_leignn_params(2, 2, 1, "nmu", True) == 306 + (15 + 12 + 8 + 28) + 3 * 20 + 2
+    # no filter bias: W(rbf) loses its 3F = 6 bias entries in every layer
+    assert expected_leignn_params(2, 2, 1, "nmu", True, filter_bias=False) == 306 + 63 + 60 + 2 - 2 * 6
+
+
+@pytest.mark.parametrize("filter_bias", [True, False])
+def test_filter_bias_switch_parameter_count(filter_bias):
+    m = {**_load(S2EF / "default" / "leignn.yml")["model"], "filter_bias": filter_bias}
+    got = lineup.count_params(lineup.build_model(m))
+    want = expected_leignn_params(m["hidden_channels"], m["num_layers"], m["num_rbf"], m["update"],
+                                  m["global_messages"], filter_bias=filter_bias)
+    assert got == want

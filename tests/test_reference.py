@@ -15,11 +15,12 @@ import math
 import pytest
 import torch
 from ase import Atoms
-from ase.build import add_adsorbate, fcc111, molecule
+from ase.build import molecule
 
 from leignn_ocp import LEIGNN, ops
 from leignn_ocp.batching import atoms_to_batch
 from leignn_ocp.lineup import VARIANTS
+from leignn_ocp.testing import oc20_slab
 
 HP = {"hidden_channels": 8, "num_layers": 2, "num_rbf": 6, "cutoff": 5.0, "max_neighbors": 10}
 
@@ -90,7 +91,7 @@ def reference(model: LEIGNN, data):
         ds = [torch.zeros(F, dtype=pos.dtype) for _ in range(N)]
         dv = [torch.zeros(3, F, dtype=pos.dtype) for _ in range(N)]
         for i, j, e, rbf in edges:
-            x = phi[j] * w.lin(rbf, f"{pre}.message.rbf_proj") / math.sqrt(3.0)
+            x = phi[j] * w.lin(rbf, f"{pre}.message.rbf_proj", bias=model.filter_bias) / math.sqrt(3.0)
             a, b, c = x[:F], x[F : 2 * F], x[2 * F :]
             ds[i] = ds[i] + c
             dv[i] = dv[i] + (a[None, :] * v[j] + e[:, None] * b[None, :]) / math.sqrt(F)
@@ -125,11 +126,7 @@ def reference(model: LEIGNN, data):
 
 
 def slab(size, ads, seed):
-    a = fcc111("Cu", size=size, vacuum=6.0)
-    add_adsorbate(a, molecule(ads), 1.9, "fcc")
-    a.rattle(0.05, seed=seed)
-    a.pbc = True
-    return a
+    return oc20_slab(size, seed=seed, ads=ads, vacuum=6.0, height=1.9)
 
 
 def molecules():
@@ -155,8 +152,10 @@ def periodic_batch_float64(atoms, model):
 
 
 # the fused, chunked message runs only with direct forces (no gradient on positions)
-CASES = [(v, df, pbc, ch) for v in VARIANTS for df in (True, False) for pbc in (True, False)
+CASES = [(v, df, pbc, ch, True) for v in VARIANTS for df in (True, False) for pbc in (True, False)
          for ch in ((True, False) if df else (False,))]
+# filter_bias=False: W(rbf) without its bias, on both message paths
+CASES += [("leignn", True, True, ch, False) for ch in (True, False)] + [("leignn", False, False, False, False)]
 
 
 @pytest.fixture
@@ -168,11 +167,11 @@ def chunked_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("variant,direct_forces,pbc,chunked", CASES)
-def test_model_equals_reference(variant, direct_forces, pbc, chunked, chunked_calls):
+@pytest.mark.parametrize("variant,direct_forces,pbc,chunked,filter_bias", CASES)
+def test_model_equals_reference(variant, direct_forces, pbc, chunked, filter_bias, chunked_calls):
     torch.manual_seed(7)
     model = LEIGNN(**VARIANTS[variant], direct_forces=direct_forces, use_pbc=pbc, chunked_messages=chunked,
-                   **HP)
+                   filter_bias=filter_bias, **HP)
     # non-trivial biases, so that a dropped bias or a mis-ordered block would show
     with torch.no_grad():
         for p in model.parameters():
@@ -267,8 +266,8 @@ def test_chunked_message_gradients_equal_plain_autograd(variant):
         assert grads[False][n] is not None
 
 
-@pytest.mark.parametrize("with_v", [True, False])
-def test_message_kernel_equals_plain_path(with_v):
+@pytest.mark.parametrize("with_v,with_bias", [(True, True), (False, True), (True, False)])
+def test_message_kernel_equals_plain_path(with_v, with_bias):
     """ops.message on its own: the fused kernel (banded filters, hand-written backward) and the
     plain tensor path give the same sums and the same gradients for phi, v, W and its bias;
     v=None (v = 0) equals an explicit zero v."""
@@ -287,9 +286,10 @@ def test_message_kernel_equals_plain_path(with_v):
         phi, v, w, b = (x.clone().requires_grad_(True) for x in leaves)
         edges = ops.edges(src, dst, e, rbf, dist, chunked=chunked)
         assert (edges.plan is not None) == chunked
-        ds, dv = ops.message(phi, v if with_v else None, edges, w, b)
+        ds, dv = ops.message(phi, v if with_v else None, edges, w, b if with_bias else None)
         ((ds * g_ds).sum() + (dv * g_dv).sum()).backward()
-        results[chunked] = [ds.detach(), dv.detach(), phi.grad, w.grad, b.grad] + ([v.grad] if with_v else [])
+        results[chunked] = [ds.detach(), dv.detach(), phi.grad, w.grad] + ([b.grad] if with_bias else []) \
+            + ([v.grad] if with_v else [])
     plan = ops.edges(src, dst, e, rbf, dist, chunked=True).plan
     assert len(plan.chunks) == 3 and plan.fraction < 0.7  # banded: some columns really skipped
     for x, y in zip(results[True], results[False]):

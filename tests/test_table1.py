@@ -18,7 +18,9 @@ from torch_geometric.data import Data
 
 from leignn_ocp import evaluation as ev
 from leignn_ocp import lineup
+from leignn_ocp.batching import labelled_data
 from leignn_ocp.evaluation import cli, runs
+from leignn_ocp.testing import emt_slab_frames
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -125,26 +127,15 @@ def test_cli_dispatch_defaults_to_quick():
 
 # ----------------------------------------------------------------------------- real trainer path
 def _emt_structures(n: int, seed: int, sid0: int) -> list[Data]:
-    from ase.build import add_adsorbate, fcc111
-    from ase.calculators.emt import EMT
-    from ase.constraints import FixAtoms
-
-    rng = np.random.default_rng(seed)
+    """The kit's EMT slab frames as fairchem records, under OC20's own field names (y, force),
+    so that the configs' key_mapping is exercised too."""
     out = []
-    for i in range(n):
-        slab = fcc111("Cu", size=(2, 2, 3), vacuum=6.0)
-        add_adsorbate(slab, "O", 1.6, "fcc")
-        fixed = np.array([a.tag == 3 for a in slab])  # bottom layer
-        slab.set_constraint(FixAtoms(mask=fixed))
-        slab.positions += rng.normal(scale=0.08, size=slab.positions.shape) * ~fixed[:, None]
-        slab.calc = EMT()
-        e, f = slab.get_potential_energy(), slab.get_forces(apply_constraint=False)
-        out.append(Data(
-            pos=torch.tensor(slab.positions, dtype=torch.float32), cell=torch.tensor(slab.cell[:], dtype=torch.float32)[None],
-            atomic_numbers=torch.tensor(slab.numbers, dtype=torch.float32), natoms=len(slab),
-            fixed=torch.tensor(fixed, dtype=torch.float32), tags=torch.tensor([2 if s == "O" else 1 for s in slab.symbols]),
-            y=float(e), force=torch.tensor(f, dtype=torch.float32), sid=sid0 + i, fid=0,
-        ))
+    for i, atoms in enumerate(emt_slab_frames(n, seed)):
+        d = labelled_data(atoms)
+        d["y"], d["force"] = float(d["energy"]), d["forces"]
+        del d["energy"], d["forces"]
+        d.sid, d.fid = sid0 + i, 0
+        out.append(d)
     return out
 
 

@@ -180,22 +180,21 @@ def make_trajectories(system: str, out: Path, spec: dict, seed: int, log=print) 
 
 def frames_to_lmdb(frames, path: Path, sids: Sequence[int] | None = None) -> int:
     """Write ASE frames (with energy and forces) as a fairchem S2EF LMDB directory, through
-    fairchem's ``AtomsToGraphs`` and the package's atomic LMDB writer.
+    fairchem's ``AtomsToGraphs`` (``batching.labelled_data``) and the package's atomic LMDB writer.
 
     ``sids`` name the frames (default ``0 .. len(frames) - 1``); give LMDBs that are read
     side by side distinct sids, since fairchem's evaluation keys predictions by sid."""
     import torch
-    from fairchem.core.preprocessing import AtomsToGraphs
 
+    from leignn_ocp.batching import labelled_data
     from leignn_ocp.data import write_lmdb_dir
 
-    a2g = AtomsToGraphs(r_energy=True, r_forces=True, r_fixed=True, r_pbc=True, r_edges=False, r_distances=False)
     sids = list(range(len(frames))) if sids is None else [int(i) for i in sids]
     if len(sids) != len(frames) or len(set(sids)) != len(sids):
         raise ValueError("frames_to_lmdb: need one distinct sid per frame")
     data = []
     for sid, atoms in zip(sids, frames):
-        d = a2g.convert(atoms)
+        d = labelled_data(atoms, pbc=True)
         d.sid = torch.tensor([sid])
         d.fid = torch.tensor([0])
         d.energy = float(d.energy)
