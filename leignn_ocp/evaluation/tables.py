@@ -16,24 +16,22 @@ from leignn_ocp.evaluation.metrics import COLUMNS
 from leignn_ocp.lineup import SPLIT_TITLES
 
 
-def markdown_table(results: dict[str, dict[str, dict[str, float]]], extra: dict[str, dict] | None = None) -> str:
-    """Table 1 (E meV / F meV/Å) + cosine / EFwT table (+ the ``extra`` table)."""
-    lines = ["| model | " + " | ".join(f"{t} E | {t} F" for t in SPLIT_TITLES) + " |",
+def _split_table(results: dict, heads: tuple[str, str], cells) -> list[str]:
+    """One Markdown table with two columns per split; ``cells(metrics)`` -> the two cell texts."""
+    lines = ["| model | " + " | ".join(f"{t} {heads[0]} | {t} {heads[1]}" for t in SPLIT_TITLES) + " |",
              "|---|" + "---|---|" * len(SPLIT_TITLES)]
     for model, res in results.items():
-        cells = []
-        for t in SPLIT_TITLES:
-            r = res.get(t)
-            cells += [f"{r['energy_mae_meV']:.1f}", f"{r['forces_mae_meV_per_A']:.1f}"] if r else ["-", "-"]
-        lines.append(f"| {model} | " + " | ".join(cells) + " |")
-    lines += ["", "| model | " + " | ".join(f"{t} cos | {t} EFwT %" for t in SPLIT_TITLES) + " |",
-              "|---|" + "---|---|" * len(SPLIT_TITLES)]
-    for model, res in results.items():
-        cells = []
-        for t in SPLIT_TITLES:
-            r = res.get(t)
-            cells += [f"{r['forces_cos']:.3f}", f"{r['efwt_percent']:.2f}"] if r else ["-", "-"]
-        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+        row = [c for t in SPLIT_TITLES for c in (cells(res[t]) if res.get(t) else ("-", "-"))]
+        lines.append(f"| {model} | " + " | ".join(row) + " |")
+    return lines
+
+
+def markdown_table(results: dict[str, dict[str, dict[str, float]]], extra: dict[str, dict] | None = None) -> str:
+    """Table 1 (E meV / F meV/Å) + cosine / EFwT table (+ the ``extra`` table)."""
+    lines = _split_table(results, ("E", "F"),
+                         lambda r: (f"{r['energy_mae_meV']:.1f}", f"{r['forces_mae_meV_per_A']:.1f}"))
+    lines += [""] + _split_table(results, ("cos", "EFwT %"),
+                                 lambda r: (f"{r['forces_cos']:.3f}", f"{r['efwt_percent']:.2f}"))
     if extra:
         keys = sorted({k for v in extra.values() for k in v})
         lines += ["", "| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
