@@ -115,6 +115,20 @@ def test_main_config_is_the_papers_recipe():
     assert c50["dataset"]["train"]["src"] == "data/s2ef/50k/train" and c50["dataset"]["val"]["src"] == "data/s2ef/50k/val"
 
 
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(S2EF)) for p in CONFIGS])
+def test_only_2M_and_all_validate_on_a_subset(path):
+    """fairchem's subset keys (create_dataset) appear only under 2M/All's dataset.val: a train-level
+    one would also cut the val split (val inherits the train settings). tests/test_val_subset.py
+    checks what the subset does."""
+    ds = _load(path)["dataset"]
+    keys = ("sample_n", "first_n", "max_atoms", "subset_to")
+    assert not any(k in ds["train"] for k in keys), f"{path}: the train split is subsampled"
+    if path.parent.name in ("2M", "all"):
+        assert (ds["val"]["sample_n"], ds["val"]["seed"]) == (30000, 0)
+    else:  # 50K / 200K internal val (10K / 40K) and the embedded data: the full split
+        assert not any(k in ds["val"] for k in keys), f"{path}: the val split is subsampled"
+
+
 # --------------------------------------------------------------------------- layout
 
 

@@ -298,6 +298,52 @@ def test_oc20_data_commands(tiny, tmp_path, capsys):
     assert "BAD LMDB path does not exist" in capsys.readouterr().err
 
 
+def test_oc20_download_test_split_lands_where_predict_reads(tmp_path, capsys, monkeypatch):
+    """`download --split test`: fairchem's own script and URL, into <data-path>/s2ef/all/test_*,
+    the folders `leignn-evaluate predict --split-prefix test_ --data-root <data-path>/s2ef/all` reads."""
+    from fairchem.core.scripts.download_data import DOWNLOAD_LINKS_s2ef
+
+    targets = [tmp_path / "s2ef" / "all" / f"test_{s}" for s in ("id", "ood_ads", "ood_cat", "ood_both")]
+    assert oc20.main(["download", "--split", "test", "--data-path", str(tmp_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    url = DOWNLOAD_LINKS_s2ef["s2ef"]["test"]
+    assert url.endswith("s2ef_test_lmdbs.tar.gz") and url in out
+    line = next(ln for ln in out.splitlines() if "download_data.py" in ln)
+    assert line.split()[1:3] == [sys.executable, str(Path(oc20._fairchem_script("download_data.py")))]
+    assert "--task s2ef --split test" in line and "--ref-energy" not in line  # no preprocessing for test
+    for t in targets:
+        assert str(t.resolve()) in out and f"make_lmdb_sizes.py --data-path {t.resolve()}" in out
+    assert not any(tmp_path.iterdir())  # a dry run writes nothing
+
+    # a real run, fairchem's script stood in for: it only `mv`s test_* into s2ef/all when that exists
+    calls = []
+
+    def fake_run(cmd, check):
+        calls.append(cmd)
+        dest = tmp_path / "s2ef" / "all"
+        if "download_data.py" in cmd[1] and dest.is_dir() and moves:
+            for t in targets:
+                t.mkdir()
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(oc20.subprocess, "run", fake_run)
+    moves = False  # fairchem's mv found nothing (wget/tar failed): a clear error, not a silent success
+    assert oc20.main(["download", "--split", "test", "--data-path", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert all(str(t) in err for t in targets) and "missing" in err
+    moves = True
+    assert oc20.main(["download", "--split", "test", "--data-path", str(tmp_path)]) == 0
+    assert all(t.is_dir() for t in targets)
+    assert [Path(c[1]).name for c in calls[-5:]] == ["download_data.py"] + ["make_lmdb_sizes.py"] * 4
+    # all four there: no second download; only some: refused (mv would nest or fail)
+    calls.clear()
+    assert oc20.main(["download", "--split", "test", "--data-path", str(tmp_path)]) == 0
+    assert [Path(c[1]).name for c in calls] == ["make_lmdb_sizes.py"] * 4
+    targets[2].rmdir()
+    assert oc20.main(["download", "--split", "test", "--data-path", str(tmp_path)]) == 2
+    assert "not all four test splits" in capsys.readouterr().err
+
+
 def test_paper_split_tool_is_deterministic_and_disjoint(tiny, tmp_path):
     from fairchem.core.datasets import LmdbDataset
 

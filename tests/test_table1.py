@@ -125,6 +125,49 @@ def test_cli_dispatch_defaults_to_quick():
         cli.main(["--data", "x"])
 
 
+def test_device_is_the_gpu_when_present_unless_cpu(monkeypatch, caplog):
+    """quick / table / lineup / predict: cuda when torch sees a GPU, --cpu forces the CPU, the old
+    --gpu is accepted (and a GPU it asks for but cannot get is an error); the choice is logged."""
+    from leignn_ocp.evaluation.checkpoints import resolve_device
+
+    caplog.set_level("INFO")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device() == "cuda" and resolve_device(gpu=True) == "cuda"
+    assert "device: cuda" in caplog.text
+    assert resolve_device(cpu=True) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device() == "cpu" and resolve_device(cpu=True) == "cpu"
+    assert "device: cpu (no GPU visible" in caplog.text
+    with pytest.raises(ValueError, match="--gpu given"):
+        resolve_device(gpu=True)
+    with pytest.raises(ValueError, match="exclude"):
+        resolve_device(cpu=True, gpu=True)
+    # every evaluating sub-command takes both flags (not together)
+    ap = cli._parser()
+    for cmd in (["quick", "c"], ["table", "--run", "a=b"], ["lineup"], ["predict", "c"]):
+        assert ap.parse_args([*cmd, "--cpu"]).cpu and ap.parse_args([*cmd, "--gpu"]).gpu
+        with pytest.raises(SystemExit):
+            ap.parse_args([*cmd, "--cpu", "--gpu"])
+
+
+def test_predict_names_every_missing_test_split(tmp_path):
+    """`predict --split-prefix test_`: the four folders are checked before any model is loaded;
+    the error names each missing one and the command that downloads them."""
+    root = tmp_path / "s2ef" / "all"
+    write_lmdb(root / "test_id", known_split(0))
+    (tmp_path / "model.pt").write_bytes(b"not loaded")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["predict", str(tmp_path / "model.pt"), "--data-root", str(root), "--split-prefix", "test_",
+                  "--cpu", "--out", str(tmp_path / "sub")])
+    msg = str(exc.value)
+    assert all(str(root / f"test_{s}") in msg for s in ("ood_ads", "ood_cat", "ood_both"))
+    assert str(root / "test_id") not in msg and "leignn-oc20-data download --split test" in msg
+    assert not (tmp_path / "sub").exists()
+    # the default prefix of predict is test_, and its default dtype fairchem's float16
+    a = cli._parser().parse_args(["predict", "ckpt"])
+    assert (a.split_prefix, a.dtype) == ("test_", "float16")
+
+
 # ----------------------------------------------------------------------------- real trainer path
 def _emt_structures(n: int, seed: int, sid0: int) -> list[Data]:
     """The kit's EMT slab frames as fairchem records, under OC20's own field names (y, force),
@@ -158,10 +201,34 @@ def test_checkpoint_predict_submission_score_agree(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     ckpt = ev.find_checkpoint(tmp_path / "runs", "final")
     direct = ev.evaluate_checkpoint(ckpt, data, "val_")
-    files = ev.predict_splits(ckpt, data, tmp_path / "pred", prefix="val_")
-    scored = ev.score_submission(ev.make_submission(files, tmp_path / "pred" / "submission.npz"), data)
+    files = ev.predict_splits(ckpt, data, tmp_path / "pred", prefix="val_", dtype="float32")
+    sub32 = ev.make_submission(files, tmp_path / "pred" / "submission.npz")
+    scored = ev.score_submission(sub32, data)
     for _, _, title in lineup.SPLITS:
         _check(scored[title], {k: direct[title][k] for k in ev.COLUMNS}, rel=1e-4)
+
+    # `predict` as a user runs it: fairchem's default float16 energy/forces (the configs say float32);
+    # ids and chunk_idx as in the float32 file, values within float16 rounding, the scorer agrees
+    assert cli.main(["predict", str(ckpt), "--data-root", str(data), "--split-prefix", "val_",
+                     "--out", str(tmp_path / "pred16")]) == 0
+    z16, z32 = np.load(tmp_path / "pred16" / "submission.npz"), np.load(sub32)
+    assert set(z16.files) == set(z32.files)
+    eps, bound = 2.0**-11, {}  # float16 rounding: relative error <= 2^-11
+    for key, _, title in lineup.SPLITS:
+        for f in ("energy", "forces"):
+            assert z16[f"{key}_{f}"].dtype == np.float16 and z32[f"{key}_{f}"].dtype == np.float32, (key, f)
+            x16, x32 = z16[f"{key}_{f}"].astype(np.float64), z32[f"{key}_{f}"].astype(np.float64)
+            assert np.all(np.abs(x16 - x32) <= eps * np.abs(x32) + 1e-7), (key, f)
+            bound[title, f] = 1000 * eps * np.abs(x32).max() + 1e-4  # meV: bound on the MAE change
+        np.testing.assert_array_equal(z16[f"{key}_ids"], z32[f"{key}_ids"])
+        np.testing.assert_array_equal(z16[f"{key}_chunk_idx"], z32[f"{key}_chunk_idx"])
+    scored16 = ev.score_submission(tmp_path / "pred16" / "submission.npz", data)
+    for _, _, title in lineup.SPLITS:
+        got, want = scored16[title], scored[title]
+        assert abs(got["energy_mae_meV"] - want["energy_mae_meV"]) <= bound[title, "energy"]
+        assert abs(got["forces_mae_meV_per_A"] - want["forces_mae_meV_per_A"]) <= bound[title, "forces"]
+        assert got["forces_cos"] == pytest.approx(want["forces_cos"], abs=2e-3)
+        assert got["n_structures"] == want["n_structures"]
 
     # the console command, spelled as scripts/run_main.sh calls it (no sub-command = quick)
     out = tmp_path / "quick"

@@ -3,8 +3,10 @@
   download  fairchem's download_data.py (wget, uncompress, preprocess_ef with reference energies
             subtracted, i.e. OC20's adsorption-energy targets) into OC20's layout under --data-path:
               data/s2ef/{200k,2M,all}/train     data/s2ef/all/val_{id,ood_ads,ood_cat,ood_both}
+              data/s2ef/all/test_{id,ood_ads,ood_cat,ood_both}   (--split test: the unlabelled
+                                                leaderboard LMDBs, as `leignn-evaluate predict` reads them)
             then metadata.npz with fairchem's make_lmdb_sizes (load balancing, max_atoms).
-              leignn-oc20-data download --split 200k --split val --num-workers 8
+              leignn-oc20-data download --split 200k --split val --split test --num-workers 8
   paper     the LEIGNN paper's splits of S2EF-200K (deterministic for --seed):
               data/s2ef/200k_split/{train,val}   8:2 train / internal validation (160K / 40K)
               data/s2ef/50k/{train,val}          the 25 % subset (50K) split 8:2 (40K / 10K)
@@ -25,10 +27,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from leignn_ocp.lineup import SPLITS
+
 from .lmdb_io import LmdbValidationError, validate_lmdb
 from .splits import split_lmdb
 
-VAL_SPLITS = ("val_id", "val_ood_ads", "val_ood_cat", "val_ood_both")
+VAL_SPLITS = tuple(f"val_{s}" for _, s, _ in SPLITS)
+TEST_SPLITS = tuple(f"test_{s}" for _, s, _ in SPLITS)  # one fairchem download: --split test
 TRAIN_SPLITS = ("200k", "2M", "20M", "all")
 
 
@@ -48,6 +53,42 @@ def output_dir(data_path: Path, split: str) -> Path:
     return data_path / "s2ef" / "all" / split
 
 
+def output_dirs(data_path: Path, split: str) -> list[Path]:
+    """The folders one download writes: ``test`` is one archive holding the four test splits."""
+    return [output_dir(data_path, s) for s in (TEST_SPLITS if split == "test" else (split,))]
+
+
+def _download_test(cmd: list[str], data_path: Path, dry_run: bool) -> list[Path]:
+    """fairchem's ``--split test``: wget + untar s2ef_test_lmdbs.tar.gz into --data-path, then
+    ``mv <data-path>/s2ef_test_lmdbs/test_data/s2ef/all/test_* <data-path>/s2ef/all`` (no preprocessing:
+    the archive holds LMDBs). It neither creates s2ef/all (mv then fails and the cleanup deletes the
+    download) nor checks any exit code (os.system), so both happen here."""
+    from fairchem.core.scripts.download_data import DOWNLOAD_LINKS_s2ef
+
+    dest = data_path / "s2ef" / "all"
+    targets = output_dirs(data_path, "test")
+    present = [t for t in targets if t.exists()]
+    print(f"[oc20_data] test: {DOWNLOAD_LINKS_s2ef['s2ef']['test']} -> {', '.join(map(str, targets))}", flush=True)
+    if len(present) == len(targets):
+        print(f"[oc20_data] test splits already in {dest}; not downloading again", flush=True)
+        return targets
+    if present:  # mv would nest or fail on them
+        raise FileExistsError(f"{', '.join(map(str, present))} exist but not all four test splits do; "
+                              "remove them and download again")
+    print(f"[oc20_data] mkdir -p {dest}", flush=True)
+    print("[oc20_data]", " ".join(cmd), flush=True)
+    if dry_run:
+        return targets
+    dest.mkdir(parents=True, exist_ok=True)
+    subprocess.run(cmd, check=True)
+    missing = [t for t in targets if not t.is_dir()]
+    if missing:
+        raise FileNotFoundError(f"after fairchem's download_data.py --split test, {', '.join(map(str, missing))} "
+                                f"missing (in {dest}: {sorted(p.name for p in dest.iterdir())}); "
+                                "see its output above (wget / tar / mv)")
+    return targets
+
+
 def cmd_download(a) -> int:
     splits: list[str] = []
     for s in a.split:
@@ -56,19 +97,23 @@ def cmd_download(a) -> int:
     for split in splits:
         cmd = [sys.executable, str(_fairchem_script("download_data.py")), "--task", "s2ef", "--split", split,
                "--num-workers", str(a.num_workers), "--data-path", str(data_path)]
-        if not a.no_ref_energy:
-            cmd.append("--ref-energy")
-        if a.get_edges:
-            cmd.append("--get-edges")
+        if split != "test":  # preprocessing flags; the test archive is LMDBs already
+            if not a.no_ref_energy:
+                cmd.append("--ref-energy")
+            if a.get_edges:
+                cmd.append("--get-edges")
         if a.keep:
             cmd.append("--keep")
-        print("[oc20_data]", " ".join(cmd), flush=True)
-        if not a.dry_run:
-            # download_data.py imports its sibling scripts (uncompress, preprocess_ef) as top-level
-            # modules, so it must run as a file; it wgets into --data-path and verifies the count
-            subprocess.run(cmd, check=True)
-        cmd_sizes(argparse.Namespace(paths=[str(output_dir(data_path, split))], num_workers=a.num_workers,
-                                     dry_run=a.dry_run))
+        # download_data.py imports its sibling scripts (uncompress, preprocess_ef) as top-level
+        # modules, so it must run as a file; it wgets into --data-path and verifies the count
+        if split == "test":
+            _download_test(cmd, data_path, a.dry_run)
+        else:
+            print("[oc20_data]", " ".join(cmd), flush=True)
+            if not a.dry_run:
+                subprocess.run(cmd, check=True)
+        cmd_sizes(argparse.Namespace(paths=[str(p) for p in output_dirs(data_path, split)],
+                                     num_workers=a.num_workers, dry_run=a.dry_run))
     return 0
 
 
@@ -117,8 +162,9 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     d = sub.add_parser("download", help="fairchem download_data.py + make_lmdb_sizes")
-    d.add_argument("--split", action="append", required=True,
-                   choices=[*TRAIN_SPLITS, *VAL_SPLITS, "val"], help="repeatable; 'val' = the four val splits")
+    d.add_argument("--split", action="append", required=True, choices=[*TRAIN_SPLITS, *VAL_SPLITS, "val", "test"],
+                   help="repeatable; 'val' = the four val splits, 'test' = the four (unlabelled) test splits "
+                        "-> <data-path>/s2ef/all/test_{id,ood_ads,ood_cat,ood_both}")
     d.add_argument("--data-path", default="data")
     d.add_argument("--num-workers", type=int, default=1)
     d.add_argument("--no-ref-energy", action="store_true", help="keep total energies (OC20 S2EF uses referenced)")

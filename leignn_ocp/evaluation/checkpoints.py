@@ -10,6 +10,44 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+def resolve_device(cpu: bool = False, gpu: bool = False) -> str:
+    """'cuda' when torch sees a GPU, else 'cpu'; ``cpu`` forces the CPU. ``gpu`` (the old opt-in
+    flag, now the default) turns "no GPU visible" into an error instead of a silent CPU run."""
+    import torch
+
+    if cpu and gpu:
+        raise ValueError("--cpu and --gpu exclude each other")
+    if cpu:
+        device, why = "cpu", "--cpu given"
+    elif torch.cuda.is_available():
+        device, why = "cuda", "a GPU is visible; --cpu to run on the CPU"
+    elif gpu:
+        raise ValueError("--gpu given but torch.cuda.is_available() is False (no visible GPU, or a CPU-only "
+                         "torch); leave out --gpu or give --cpu to run on the CPU")
+    else:
+        device, why = "cpu", "no GPU visible (torch.cuda.is_available() is False)"
+    log.info(f"device: {device} ({why})")
+    return device
+
+
+def require_splits(data_root: str | Path, prefix: str) -> list[Path]:
+    """The four split folders <data_root>/<prefix>{id,ood_ads,ood_cat,ood_both}; one error naming every
+    missing one (before minutes of model loading), with the download command for OC20's."""
+    from leignn_ocp.lineup import SPLITS
+
+    paths = [Path(data_root) / f"{prefix}{suffix}" for _, suffix, _ in SPLITS]
+    missing = [p for p in paths if not p.is_dir()]
+    if missing:
+        hint = {"test_": "the OC20 S2EF test splits: `leignn-oc20-data download --split test --data-path DATA` "
+                         "writes DATA/s2ef/all/test_{id,ood_ads,ood_cat,ood_both}; use --data-root DATA/s2ef/all",
+                "val_": "the OC20 S2EF val splits: `leignn-oc20-data download --split val --data-path DATA` "
+                        "writes DATA/s2ef/all/val_{id,ood_ads,ood_cat,ood_both}"}.get(prefix, "")
+        raise FileNotFoundError(
+            f"missing split folder(s) {', '.join(map(str, missing))} (--data-root {data_root}, --split-prefix "
+            f"{prefix})" + (f"; for {hint}" if hint else ""))
+    return paths
+
+
 def find_checkpoint(path: str | Path, which: str = "final") -> Path:
     """A checkpoint file, or the checkpoint inside a fairchem run / checkpoint directory.
 

@@ -11,17 +11,21 @@ Sub-commands (``leignn-evaluate <cmd> -h`` for the options; ``python -m leignn_o
              leignn-evaluate table --run LEIGNN=<ckpt|dir> --run PaiNN=<ckpt|dir> ... --out results/table1
   lineup   train every config of a folder with the fairchem CLI for one shared budget, then `table`
              leignn-evaluate lineup --config-dir configs/s2ef/default --epochs 5 \\
-                 --train-size 1000 --eval-size 100 --out results/default_lineup   # CPU, embedded data
+                 --train-size 1000 --eval-size 100 --out results/default_lineup   # embedded data
              leignn-evaluate lineup --config-dir configs/s2ef/200k --which best \\
-                 --data-root data/s2ef/all --gpu --out results/oc20_200k           # the paper's Table 1
+                 --data-root data/s2ef/all --out results/oc20_200k                 # the paper's Table 1
   predict  fairchem's predict mode (trainer.predict, what `fairchem --mode predict` runs) on the four
            test splits + the S2EF submission file in the format of fairchem's make_submission_file
+           (energy and forces float16 by default, fairchem's own default; --dtype float32 for full size)
              leignn-evaluate predict <ckpt> --data-root data/s2ef/all --split-prefix test_ --out sub/
   fit-scales  fit PaiNN / GemNet ScaleFactors on a config's training data -> --model.scale_file=<json>
              leignn-evaluate fit-scales --out gemnet_dt.json --mode train \\
                  --config-yml configs/s2ef/200k/gemnet_dt.yml
   score    the local scorer: a submission .npz against labelled LMDBs, with fairchem's Evaluator
              leignn-evaluate score sub/submission.npz --data-root data/default/s2ef
+
+Device: the GPU when torch sees one (quick, table, lineup, predict; `--gpu` is accepted and makes a
+missing GPU an error), else the CPU; `--cpu` forces the CPU. The choice is logged.
 
 Splits: ID, OOD-Ads, OOD-Cat, OOD-Both are the LMDB folders <data-root>/<prefix>{id,ood_ads,ood_cat,ood_both}
 (prefix ``val_`` for the labelled S2EF validation sets, ``test_`` for the leaderboard test sets).
@@ -40,11 +44,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from leignn_ocp import lineup
-from leignn_ocp.evaluation.checkpoints import find_checkpoint
+from leignn_ocp.evaluation.checkpoints import find_checkpoint, require_splits, resolve_device
 from leignn_ocp.evaluation.metrics import evaluate_checkpoint
 from leignn_ocp.evaluation.runs import run_lineup
 from leignn_ocp.evaluation.scales import fit_scales
-from leignn_ocp.evaluation.submission import make_submission, predict_splits, score_submission
+from leignn_ocp.evaluation.submission import DEFAULT_DTYPE, DTYPES, make_submission, predict_splits, score_submission
 from leignn_ocp.evaluation.tables import markdown_table, write_outputs
 
 PROG = "leignn-evaluate"
@@ -55,11 +59,18 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    def common(p, default_prefix="val_"):
+    def device(p):
+        g = p.add_mutually_exclusive_group()
+        g.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is visible")
+        g.add_argument("--gpu", action="store_true",
+                       help="the default when a GPU is visible; given, a missing GPU is an error")
+
+    def common(p, default_prefix="val_", with_device=True):
         p.add_argument("--data-root", "--data", default="data/default/s2ef",
                        help="folder holding <prefix>{id,ood_ads,ood_cat,ood_both} (OC20: data/s2ef/all)")
         p.add_argument("--split-prefix", default=default_prefix)
-        p.add_argument("--gpu", action="store_true", help="evaluate on the GPU (default: CPU)")
+        if with_device:
+            device(p)
         p.add_argument("--batch-size", type=int, default=None)
 
     p = sub.add_parser("quick", help="one checkpoint -> 4-split table on stdout (the default command)")
@@ -98,19 +109,24 @@ def _parser() -> argparse.ArgumentParser:
                         "<data-root>/train (meant for the embedded data; with OC20 configs leave it out)")
     p.add_argument("--eval-size", type=int, default=None,
                    help="validate / test on seeded random subsets of this many structures per val split")
-    p.add_argument("--gpu", action="store_true")
+    device(p)
     p.add_argument("fairchem_args", nargs="*", help="extra fairchem CLI overrides, after --")
 
     p = sub.add_parser("predict", help="predict mode on the 4 test splits + S2EF submission file")
     p.add_argument("checkpoint")
     p.add_argument("--which", choices=["final", "best"], default="best")
-    p.add_argument("--out", default="results/submission")
+    p.add_argument("--out", default="results/submission",
+                   help="writes <out>/{id,ood_ads,ood_cat,ood_both}_predictions.npz, <out>/submission.npz "
+                        "and fairchem's run files under <out>/fairchem")
+    p.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE,
+                   help="dtype of the predicted energy and forces (default %(default)s, fairchem's and the "
+                        "OC20 leaderboard files'; float32 doubles the file)")
     common(p, default_prefix="test_")
 
     p = sub.add_parser("score", help="local scorer: submission .npz vs labelled splits")
     p.add_argument("submission")
     p.add_argument("--out", default=None)
-    common(p)
+    common(p, with_device=False)
 
     # listed for --help only: main() hands its arguments to fairchem's own parser
     sub.add_parser("fit-scales", add_help=False,
@@ -130,7 +146,7 @@ def _fit_scales_main(argv: Sequence[str]) -> int:
 
 def _lineup_note(a, r: dict, argv: Sequence[str]) -> str:
     """The table's header: budget, data and the command that made it."""
-    cpu = not a.gpu
+    cpu = a.device == "cpu"
     sizes = ""
     if r["data"] != Path(a.data_root):
         spec = json.loads((Path(r["data"]) / "subset.json").read_text())
@@ -157,11 +173,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
         argv = ["quick", *argv]  # `leignn-evaluate --checkpoint CKPT ...` = quick
     a = ap.parse_args(argv)
-    cpu = not getattr(a, "gpu", False)
+    if a.cmd == "quick" and not (a.checkpoint or a.checkpoint_opt):
+        raise SystemExit("quick: give a checkpoint file or run directory")
+    try:  # before any model is loaded: every missing split folder, or a --gpu without a GPU, in one line
+        if a.cmd in ("quick", "table", "predict", "score"):
+            require_splits(a.data_root, a.split_prefix)
+        a.device = "cpu" if a.cmd == "score" else resolve_device(cpu=a.cpu, gpu=a.gpu)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"{PROG} {a.cmd}: error: {exc}") from exc
+    cpu = a.device == "cpu"
 
     if a.cmd == "quick":
-        if not (a.checkpoint or a.checkpoint_opt):
-            raise SystemExit("quick: give a checkpoint file or run directory")
         ckpt = find_checkpoint(a.checkpoint or a.checkpoint_opt, a.which)
         name = a.name or ckpt.parent.name
         res = {name: evaluate_checkpoint(ckpt, a.data_root, a.split_prefix, cpu, a.batch_size)}
@@ -189,9 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {out}/table1.{{md,csv,png,json}}")
     elif a.cmd == "predict":
         ckpt = find_checkpoint(a.checkpoint, a.which)
-        files = predict_splits(ckpt, a.data_root, Path(a.out), a.split_prefix, cpu, a.batch_size)
+        files = predict_splits(ckpt, a.data_root, Path(a.out), a.split_prefix, cpu, a.batch_size, a.dtype)
         path = make_submission(files, Path(a.out) / "submission.npz")
-        print(f"submission file: {path}")
+        print(f"submission file ({a.dtype} energy/forces): {path}")
     elif a.cmd == "score":
         res = {Path(a.submission).stem: score_submission(a.submission, a.data_root, a.split_prefix)}
         print(markdown_table(res), end="")

@@ -1,5 +1,9 @@
 """OC20 S2EF leaderboard files: fairchem's predict mode on the four test splits, the submission
-file (fairchem's make_submission_file), and a local scorer for splits that have labels."""
+file (fairchem's make_submission_file), and a local scorer for splits that have labels.
+
+Predictions are stored as float16 by default, as fairchem's ``trainer.predict`` does unless a
+config asks for float32 (``outputs.<target>.prediction_dtype``): half the size of float32, and the
+precision of the files fairchem's own predict mode makes for the OC20 EvalAI server."""
 
 from __future__ import annotations
 
@@ -10,20 +14,35 @@ from pathlib import Path
 
 import numpy as np
 
-from leignn_ocp.evaluation.checkpoints import close_lmdb, load_trainer, split_loader
+from leignn_ocp.evaluation.checkpoints import close_lmdb, load_trainer, require_splits, split_loader
 from leignn_ocp.evaluation.metrics import metrics_from_arrays
 from leignn_ocp.lineup import SPLITS
 
 log = logging.getLogger(__name__)
 
+DTYPES = ("float16", "float32")
+DEFAULT_DTYPE = "float16"  # fairchem's trainer.predict default
+
+
+def set_prediction_dtype(config: dict, dtype: str) -> None:
+    """Make trainer.predict store every output as ``dtype``: it writes float32 when either the
+    output's or the task's ``prediction_dtype`` says so (the configs here say float32)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"prediction dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    for target in config["outputs"].values():
+        target["prediction_dtype"] = dtype
+    config.setdefault("task", {})["prediction_dtype"] = dtype
+
 
 def predict_splits(checkpoint, data_root, out: Path, prefix: str = "test_", cpu: bool = True,
-                   batch_size: int | None = None) -> dict[str, Path]:
+                   batch_size: int | None = None, dtype: str = DEFAULT_DTYPE) -> dict[str, Path]:
     """fairchem's predict mode (trainer.predict, what ``fairchem --mode predict`` runs) on each split
-    -> <out>/<split>_predictions.npz (ids, energy, free-atom forces, chunk_idx)."""
+    -> <out>/<split>_predictions.npz (ids, energy and free-atom forces as ``dtype``, chunk_idx)."""
+    require_splits(data_root, prefix)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     trainer = load_trainer(checkpoint, cpu=cpu, run_dir=out / "fairchem")
+    set_prediction_dtype(trainer.config, dtype)
     files = {}
     for key, suffix, title in SPLITS:
         loader = split_loader(trainer, Path(data_root) / f"{prefix}{suffix}", batch_size)

@@ -1,7 +1,8 @@
 """The ``fairchem`` CLI with the fixes multi-process, Slurm and preempted runs need (fairchem-core 1.10).
 
     leignn-launch --mode train --config-yml configs/s2ef/200k/leignn.yml \\
-        --submit --num-gpus 8 --num-nodes 2 --slurm-partition <p> --sweep-yml configs/sweeps/ablations.yml
+        --submit --num-gpus 8 --num-nodes 2 --slurm-partition <p> --sweep-yml configs/sweeps/ablations.yml \\
+        --scale-recipe-to-world-size
 
 (also ``python -m leignn_ocp.launch ...`` and the old spelling ``python -m leignn_ocp.cluster ...``)
 takes exactly the flags of the ``fairchem`` console script and runs the same code
@@ -9,8 +10,19 @@ takes exactly the flags of the ``fairchem`` console script and runs the same cod
 ``--num-gpus N`` without ``--submit``, one process otherwise). The plain ``fairchem`` CLI trains this
 plugin too (``model.name: leignn_ocp.LEIGNN`` is imported by fairchem's registry in every process);
 this launcher only swaps in :class:`Runner` and patches eight rough edges of fairchem 1.10, inside
-:func:`patched_fairchem` (a context manager: every patched attribute is fairchem's own again on exit;
-it refuses to patch any fairchem-core other than 1.10.x, see :data:`patches.VERSION_ENV`):
+:func:`patched_fairchem` (a context manager: every patched attribute is fairchem's own again on exit).
+It is written for fairchem-core 1.10.x only: importing this package with another fairchem-core raises
+an ImportError naming both versions (``LEIGNN_LAUNCH_ANY_FAIRCHEM=1`` warns instead, see
+:mod:`.version`), and every patch checks its target again when applied. ``import leignn_ocp`` (the
+model plugin) does not import this package and works with the plain ``fairchem`` CLI regardless.
+
+Two additions of its own (:mod:`.cli`): a leading ``main`` (``leignn-launch main --mode train ...``,
+OCP's old ``python main.py`` habit) is dropped with a note, where plain fairchem 1.10 fails with
+``ValueError: not enough values to unpack``; and ``--scale-recipe-to-world-size`` [``--scale-lr
+{none,linear,sqrt}``] (off by default) rescales a one-GPU recipe's step-counted schedule to
+``--num-nodes`` x ``--num-gpus`` ranks (:func:`rescale_for_world_size`, every change logged).
+
+The fixes:
 
 1. ``--sweep-yml`` crashes on Python >= 3.10: ``create_grid`` tests ``collections.MutableMapping``,
    which Python 3.10 removed. The alias is restored (to ``collections.abc``'s).
@@ -57,12 +69,19 @@ Multi-rank runs also log a replica check at the end: every rank compares its par
 (``DDP replica check: ... max |param - rank-0 param| = 0``). What was measured for each fix:
 docs/notes/launch.md.
 
-Modules: :mod:`.patches` (the version guard, the patch table and fixes 1, 3, 6, 7, 8),
-:mod:`.runner` (the submitit ``Runner``: fixes 2, 4, 5), :mod:`.cli` (``main``).
+Modules: :mod:`.version` (the fairchem-core version guard, run first), :mod:`.patches` (the patch
+table and fixes 1, 3, 6, 7, 8), :mod:`.runner` (the submitit ``Runner``: fixes 2, 4, 5), :mod:`.recipe`
+(world-size rescaling), :mod:`.cli` (``main``, the leading ``main``, the launcher's flags).
 """
 
-from leignn_ocp.launch.cli import main
-from leignn_ocp.launch.patches import atomic_save_checkpoint, patched_fairchem
-from leignn_ocp.launch.runner import Runner, runner_wrapper
+from leignn_ocp.launch.version import check_fairchem_version
 
-__all__ = ["Runner", "atomic_save_checkpoint", "main", "patched_fairchem", "runner_wrapper"]
+check_fairchem_version()  # before importing fairchem internals another version may not have
+
+from leignn_ocp.launch.cli import main  # noqa: E402
+from leignn_ocp.launch.patches import atomic_save_checkpoint, patched_fairchem  # noqa: E402
+from leignn_ocp.launch.recipe import rescale_for_world_size  # noqa: E402
+from leignn_ocp.launch.runner import Runner, runner_wrapper  # noqa: E402
+
+__all__ = ["Runner", "atomic_save_checkpoint", "main", "patched_fairchem", "rescale_for_world_size",
+           "runner_wrapper"]

@@ -13,7 +13,6 @@ import sys
 import types
 import warnings
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Iterator
 
 import torch
@@ -23,8 +22,8 @@ from fairchem.core.common import utils as fc_utils
 from torch.distributed.elastic.utils.distributed import get_free_port
 from torch.distributed.launcher.api import LaunchConfig
 
-WRITTEN_FOR = "1.10"  # fairchem-core series whose internals the patches replace
-VERSION_ENV = "LEIGNN_LAUNCH_ANY_FAIRCHEM"  # =1: patch another fairchem-core version anyway (warns)
+from leignn_ocp.launch.version import VERSION_ENV, WRITTEN_FOR, installed_fairchem, is_supported
+
 WORKERS_KEY = "leignn_num_workers"  # config key carrying optim.num_workers past fairchem's main()
 _MISSING = object()
 _fairchem_build_config = _cli.build_config  # fairchem's own, taken before any patch
@@ -127,19 +126,12 @@ def fairchem_patches() -> list[Patch]:
     ]
 
 
-def installed_fairchem() -> str:
-    try:
-        return metadata.version("fairchem-core")
-    except metadata.PackageNotFoundError:
-        return "(not installed)"
-
-
 def check_patch(patch: Patch, found: str | None = None) -> None:
     """Fail unless ``patch`` was written for the installed fairchem-core and its target still exists."""
     found = installed_fairchem() if found is None else found
     t = patch.target
     where = t.__name__ if isinstance(t, types.ModuleType) else f"{t.__module__}.{t.__qualname__}"
-    if not (found == patch.written_for or found.startswith(patch.written_for + ".")):
+    if not is_supported(found, patch.written_for):
         msg = (f"leignn_ocp.launch: the patch of {where}.{patch.attr} (fix {patch.fix}) was written for "
                f"fairchem-core {patch.written_for}.x, but fairchem-core {found} is installed. Install "
                f"fairchem-core=={patch.written_for}.* (the version pyproject.toml pins), use the plain "
