@@ -81,8 +81,9 @@ def test_missing_config_dir_is_a_clear_error(tmp_path, capsys):
 
 def test_train_step_uses_the_recipes_fairchem_loss_and_optimizer():
     """LEIGNN's recipe: L1 energy (x1) + L1 force components of free atoms (x50), on targets
-    normalised as the config's normalizer says; AdamW(amsgrad) where fairchem 1.10 ignores
-    ``optim.weight_decay: 0`` and keeps AdamW's 0.01."""
+    normalised as the config's normalizer says; AdamW(amsgrad) built by fairchem's own
+    load_optimizer: weight decay 0 from ``optim.optimizer_params`` (the paper's), while a
+    baseline whose recipe writes ``optim.weight_decay: 0`` gets AdamW's 0.01, as fairchem trains it."""
     recipe = load_recipe("leignn", REPO / "configs" / "s2ef" / "200k", tiny=True)
     batch = make_batch(oc20_like_structures(2, tiny=True))
     runner = Runner.build(recipe, batch, torch.device("cpu"))
@@ -98,7 +99,10 @@ def test_train_step_uses_the_recipes_fairchem_loss_and_optimizer():
     group = runner.optimizer.param_groups[0]
     assert isinstance(runner.optimizer, torch.optim.AdamW)
     assert group["amsgrad"] is True and group["lr"] == pytest.approx(2e-4)
-    assert group["weight_decay"] == pytest.approx(0.01)
+    assert group["weight_decay"] == 0.0
+    painn = Runner.build(load_recipe("painn_direct", REPO / "configs" / "s2ef" / "200k", tiny=True), batch,
+                         torch.device("cpu"))
+    assert [g["weight_decay"] for g in painn.optimizer.param_groups] == [pytest.approx(0.01)]
     before = [p.detach().clone() for p in runner.model.parameters()]
     assert math.isfinite(runner.train_step())
     assert any(not torch.equal(a, p) for a, p in zip(before, runner.model.parameters()))

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from leignn_ocp import lineup
@@ -102,10 +103,11 @@ def test_main_config_is_the_papers_recipe():
     c = _load(S2EF / "200k/leignn.yml")
     m, o = c["model"], c["optim"]
     assert m["name"] == "leignn_ocp.LEIGNN"
-    assert (m["hidden_channels"], m["num_layers"], m["num_rbf"], m["cutoff"], m["max_neighbors"]) == (512, 4, 128, 6.0, 20)
+    assert (m["hidden_channels"], m["num_layers"], m["num_rbf"], m["cutoff"], m["max_neighbors"]) == (512, 4, 128, 6.0, 50)
     assert m["use_pbc"] and m["direct_forces"] and m["envelope"] == {"name": "polynomial", "exponent": 5}
     assert c["loss_functions"] == [{"energy": {"fn": "mae", "coefficient": 1}}, {"forces": {"fn": "mae", "coefficient": 50}}]
-    assert (o["optimizer"], o["optimizer_params"], o["lr_initial"], o["weight_decay"]) == ("AdamW", {"amsgrad": True}, 2e-4, 0.0)
+    assert (o["optimizer"], o["optimizer_params"], o["lr_initial"]) == ("AdamW", {"amsgrad": True, "weight_decay": 0.0}, 2e-4)
+    assert "weight_decay" not in o  # fairchem 1.10 would ignore it at 0 and keep AdamW's 0.01
     assert (o["ema_decay"], o["clip_grad_norm"], o["batch_size"]) == (0.999, 50, 32)
     assert (o["scheduler"], o["mode"], o["factor"], o["patience"], o["min_lr"]) == ("ReduceLROnPlateau", "min", 0.8, 5, 1e-6)
     assert c["dataset"]["train"]["src"] == "data/s2ef/200k_split/train"
@@ -262,3 +264,52 @@ def test_filter_bias_switch_parameter_count(filter_bias):
     want = expected_leignn_params(m["hidden_channels"], m["num_layers"], m["num_rbf"], m["update"],
                                   m["global_messages"], filter_bias=filter_bias)
     assert got == want
+
+
+def _fairchem_optimizer(config: dict, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimizer fairchem 1.10's trainer builds from ``config`` (its own load_optimizer)."""
+    from types import SimpleNamespace
+
+    from fairchem.core.trainers.base_trainer import BaseTrainer
+
+    shim = SimpleNamespace(config=config, model=model, _unwrapped_model=model)
+    BaseTrainer.load_optimizer(shim)
+    return shim.optimizer
+
+
+@pytest.mark.parametrize("size", ["50k", "200k", "2M", "all"])
+@pytest.mark.parametrize("key", list(lineup.VARIANTS))
+def test_leignn_recipes_train_without_weight_decay(size, key):
+    """What fairchem builds, not only what the YAML says: AdamW(amsgrad) with weight decay 0 on
+    every parameter, as the paper trains."""
+    c = _load(S2EF / size / f"{key}.yml")
+    model = torch.nn.Linear(3, 2)  # the optimizer's settings do not depend on the model
+    opt = _fairchem_optimizer(c, model)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0]
+    assert opt.param_groups[0]["amsgrad"] is True and opt.param_groups[0]["lr"] == pytest.approx(2e-4)
+
+
+def test_weight_decay_trap_is_real():
+    """The trap the recipes avoid: fairchem 1.10 ignores optim.weight_decay: 0 and AdamW keeps 0.01."""
+    c = _load(S2EF / "200k" / "leignn.yml")
+    c["optim"]["weight_decay"] = 0.0
+    c["optim"]["optimizer_params"] = {"amsgrad": True}
+    opt = _fairchem_optimizer(c, torch.nn.Linear(3, 2))
+    assert opt.param_groups[0]["weight_decay"] == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("size", ["50k", "200k", "2M", "all"])
+def test_leignn_oc20_graph_has_up_to_50_neighbours(size):
+    """The graph fairchem builds for the OC20 recipes: 6 A, at most 50 neighbours per atom (the OC20
+    LMDB edges the paper trained on), and more than 20 where the structure has them."""
+    from leignn_ocp.batching import atoms_to_batch
+    from leignn_ocp.testing import oc20_like_structures
+
+    m = _load(S2EF / size / "leignn.yml")["model"]
+    model = lineup.build_model(m, {"hidden_channels": 16, "num_layers": 1, "num_rbf": 8})
+    batch = atoms_to_batch(oc20_like_structures(1))
+    src, dst, dist, _ = model._graph(batch)
+    per_atom = torch.bincount(dst, minlength=batch.pos.shape[0])
+    assert float(dist.max()) <= 6.0 + 1e-5
+    assert int(per_atom.max()) == 50 and int(per_atom.min()) > 20
