@@ -7,6 +7,7 @@ preprocessing writes. Model input in any float dtype comes from :func:`atoms_to_
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -18,13 +19,18 @@ from fairchem.core.preprocessing import AtomsToGraphs
 from torch_geometric.data import Data
 
 
-def labelled_data(atoms: Atoms, energy: bool = True, forces: bool = True, pbc: bool = False) -> Data:
-    """One S2EF record by fairchem's ``AtomsToGraphs``: float32 positions, cell, tags, fixed,
-    energy and forces from ``atoms.calc`` (without constraints); no edges (models build the
-    graph on the fly, ``otf_graph``)."""
-    a2g = AtomsToGraphs(r_energy=energy, r_forces=forces, r_fixed=True, r_pbc=pbc, r_edges=False,
-                        r_distances=False)
-    return a2g.convert(atoms)
+def labelled_data(atoms: Atoms, energy: bool = True, forces: bool = True, pbc: bool = False,
+                  sid: int | None = None) -> Data:
+    """One S2EF record by fairchem's ``AtomsToGraphs``, as OC20's preprocess_ef writes them: float32
+    positions (wrapped into the cell), cell, tags, fixed, energy and forces from ``atoms.calc``
+    (without constraints), ``sid`` if given; no edges (models build the graph on the fly)."""
+    return _a2g(energy, forces, pbc).convert(atoms, sid=sid)
+
+
+@functools.lru_cache(maxsize=8)
+def _a2g(energy: bool, forces: bool, pbc: bool) -> AtomsToGraphs:
+    return AtomsToGraphs(r_energy=energy, r_forces=forces, r_fixed=True, r_pbc=pbc, r_edges=False,
+                         r_distances=False)
 
 
 def atoms_to_data(atoms: Atoms, dtype: torch.dtype = torch.float32) -> Data:

@@ -44,7 +44,7 @@ def test_tiny_benchmark_csv_has_every_model_with_finite_numbers(tiny_run):
     with open(tiny_run / "benchmark.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["model"] for r in rows] == list(DEFAULT_MODELS)
-    assert sorted(DEFAULT_MODELS) == sorted(lineup.KEYS)  # every line-up entry is benchmarked
+    assert sorted(r["model"] for r in rows) == sorted(lineup.KEYS)  # every line-up entry is benchmarked
     numeric = ["params", "edges", "gflop_fwd", "gflop_train", "train_ms", "infer_ms", "train_atoms_per_s",
                "infer_atoms_per_s", "peak_mem_train_mb", "peak_mem_infer_mb", "train_x_leignn", "infer_x_leignn",
                "train_cpu_ms", "infer_cpu_ms", "train_cpu_x_leignn", "infer_cpu_x_leignn"]

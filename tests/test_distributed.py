@@ -431,13 +431,11 @@ def test_patches_are_undone_on_exit():
 def test_patches_refuse_another_fairchem_version(monkeypatch):
     """Each patch names the fairchem-core series it was written for; another installed version fails
     before anything is patched, with both versions in the message (unless explicitly overridden)."""
-    from importlib import metadata
 
     from fairchem.core import _cli
 
     from leignn_ocp.launch import Runner, patches
 
-    assert patches.installed_fairchem() == metadata.version("fairchem-core")
     assert patches.installed_fairchem().startswith(patches.WRITTEN_FOR + ".")  # what the tests run on
     monkeypatch.setattr(patches, "installed_fairchem", lambda: "2.3.0")
     monkeypatch.delenv(patches.VERSION_ENV, raising=False)

@@ -437,6 +437,16 @@ def test_benchmark_val_errors_and_existing_checkpoint(emt_reference, tmp_path):
     err = B.val_errors(EMT(), frames)
     assert err == {"energy_mae_meV_per_atom": pytest.approx(0.0, abs=1e-9),
                    "forces_mae_meV_per_A": pytest.approx(0.0, abs=1e-9)}
+
+    class Shifted(EMT):  # EMT + 10 meV per atom, and + 6 meV/A on every x force component
+        def calculate(self, *args, **kwargs):
+            super().calculate(*args, **kwargs)
+            self.results["energy"] += 0.010 * len(self.atoms)
+            self.results["forces"] = self.results["forces"] + [0.006, 0.0, 0.0]
+
+    err = B.val_errors(Shifted(), frames)  # the x shift is a third of the mean over x, y, z
+    assert err == {"energy_mae_meV_per_atom": pytest.approx(10.0, rel=1e-6),
+                   "forces_mae_meV_per_A": pytest.approx(2.0, rel=1e-6)}
     # a finished fairchem run is reused: no training command is started (the config does not exist)
     ckpt = tmp_path / "runs/checkpoints/2024-01-01-00-00-00-leignn/best_checkpoint.pt"
     ckpt.parent.mkdir(parents=True)

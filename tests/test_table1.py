@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
-import pickle
 import subprocess
 import sys
 from pathlib import Path
 
-import lmdb
 import numpy as np
 import pytest
 import torch
@@ -19,6 +17,7 @@ from torch_geometric.data import Data
 from leignn_ocp import evaluation as ev
 from leignn_ocp import lineup
 from leignn_ocp.batching import labelled_data
+from leignn_ocp.data import write_lmdb_dir as write_lmdb
 from leignn_ocp.evaluation import cli, runs
 from leignn_ocp.testing import emt_slab_frames
 
@@ -68,16 +67,6 @@ def test_table_files(tmp_path):
 
 
 # ----------------------------------------------------------------------------- LMDB helpers
-def write_lmdb(path: Path, structures: list[Data]) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    env = lmdb.open(str(path / "data.0000.lmdb"), subdir=False, map_size=1 << 26, meminit=False, map_async=True)
-    with env.begin(write=True) as txn:
-        for i, d in enumerate(structures):
-            txn.put(f"{i}".encode("ascii"), pickle.dumps(d, protocol=-1))
-    env.sync()
-    env.close()
-
-
 def known_split(sid0: int) -> list[Data]:
     """The two structures of the hand-checked example, OC20 field names (y, force)."""
     out = []

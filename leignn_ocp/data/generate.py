@@ -264,11 +264,9 @@ def _one_thread_quiet():
 
 def _blas_threads(n: int):
     """threadpoolctl's limit on every loaded BLAS/OpenMP library (numpy's and scipy's OpenBLAS,
-    torch's OpenMP), restored on exit; a no-op where threadpoolctl is not installed."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover
-        return contextlib.nullcontext()
+    torch's OpenMP), restored on exit."""
+    from threadpoolctl import threadpool_limits
+
     return threadpool_limits(limits=n)
 
 
@@ -356,25 +354,18 @@ def _rigid_adsorbate(atoms, n_slab: int) -> None:
         atoms.set_constraint(list(atoms.constraints) + [RigidBody(range(n_slab, len(atoms)), atoms.positions)])
 
 
-@functools.lru_cache(maxsize=1)
-def _a2g():
-    """fairchem's AtomsToGraphs as OC20's preprocess_ef uses it, without edges (models build the
-    graph on the fly): pos, cell, atomic_numbers, natoms, tags, fixed, energy, forces, sid."""
-    from fairchem.core.preprocessing import AtomsToGraphs
-
-    return AtomsToGraphs(r_energy=True, r_forces=True, r_fixed=True, r_edges=False, r_distances=False)
-
-
 def _to_data(atoms, pos, energy, forces, sid, fid, anomaly: int | None):
     """One S2EF record of ``atoms`` (numbers, cell, tags, FixAtoms) at ``pos`` with these labels."""
     from ase import Atoms
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.constraints import FixAtoms
 
+    from leignn_ocp.batching import labelled_data
+
     frame = Atoms(numbers=atoms.numbers, positions=pos, cell=atoms.cell, pbc=atoms.pbc, tags=atoms.get_tags(),
                   constraint=FixAtoms(mask=_fixed_mask(atoms)))
     frame.calc = SinglePointCalculator(frame, energy=float(energy), forces=np.asarray(forces))
-    d = _a2g().convert(frame, sid=int(sid))  # pos [N, 3] (wrapped into the cell), cell [1, 3, 3]
+    d = labelled_data(frame, sid=int(sid))  # pos [N, 3] (wrapped into the cell), cell [1, 3, 3]
     # the dtypes these LMDBs have always had (AtomsToGraphs 1.10 gives uint8 / int32 / int32)
     d.atomic_numbers = d.atomic_numbers.float()  # [N]
     d.fixed = d.fixed.float()  # [N] 1 = fixed

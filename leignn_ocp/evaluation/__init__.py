@@ -11,7 +11,6 @@ cli          `leignn-evaluate`: quick (default), table, lineup, predict, score, 
 """
 
 from leignn_ocp.evaluation.checkpoints import (
-    checkpoint_params,
     close_lmdb,
     find_checkpoint,
     load_trainer,
@@ -21,6 +20,7 @@ from leignn_ocp.evaluation.metrics import (
     COLUMNS,
     EVAL_METRICS,
     evaluate_checkpoint,
+    evaluate_splits,
     evaluate_split,
     metrics_from_arrays,
 )
@@ -30,8 +30,8 @@ from leignn_ocp.evaluation.submission import make_submission, predict_splits, re
 from leignn_ocp.evaluation.tables import bar_chart, markdown_table, read_csv, write_csv, write_outputs
 
 __all__ = [
-    "COLUMNS", "EVAL_METRICS", "bar_chart", "checkpoint_params", "close_lmdb", "evaluate_checkpoint",
-    "evaluate_split", "find_checkpoint", "fit_scales", "has_scale_factors", "load_trainer",
+    "COLUMNS", "EVAL_METRICS", "bar_chart", "close_lmdb", "evaluate_checkpoint",
+    "evaluate_split", "evaluate_splits", "find_checkpoint", "fit_scales", "has_scale_factors", "load_trainer",
     "make_submission", "markdown_table", "metrics_from_arrays", "predict_splits", "read_csv",
     "read_labels", "run_lineup", "score_submission", "split_loader", "subset_data", "train_args",
     "write_csv", "write_outputs",

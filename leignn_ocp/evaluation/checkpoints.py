@@ -123,16 +123,6 @@ def load_trainer(checkpoint: str | Path, cpu: bool = True, run_dir: str | Path |
     return trainer
 
 
-def checkpoint_params(checkpoint: str | Path) -> int:
-    """Trainable parameters of a checkpoint's model, rebuilt from its config (buffers not counted)."""
-    import torch
-
-    from leignn_ocp import lineup
-
-    config = torch.load(str(checkpoint), map_location="cpu", weights_only=False)["config"]
-    return lineup.count_params(lineup.build_model(config["model"]))
-
-
 def split_loader(trainer, src: str | Path, batch_size: int | None = None):
     """A fairchem dataset + loader for one LMDB folder, with the checkpoint's data settings."""
     from fairchem.core.datasets.base_dataset import create_dataset

@@ -98,10 +98,15 @@ def evaluate_checkpoint(
     checkpoint: str | Path, data_root: str | Path, prefix: str = "val_", cpu: bool = True, batch_size: int | None = None
 ) -> dict[str, dict[str, float]]:
     """The four splits ``<data_root>/<prefix>{id,ood_ads,ood_cat,ood_both}`` -> {split title: metrics}."""
-    trainer = load_trainer(checkpoint, cpu=cpu)
+    return evaluate_splits(load_trainer(checkpoint, cpu=cpu), data_root, prefix, batch_size, Path(checkpoint).name)
+
+
+def evaluate_splits(trainer, data_root: str | Path, prefix: str = "val_", batch_size: int | None = None,
+                    name: str = "") -> dict[str, dict[str, float]]:
+    """:func:`evaluate_checkpoint` for a trainer already loaded (one load serves several uses)."""
     out = {}
     for _key, suffix, title in SPLITS:
         t0 = time.time()
         out[title] = evaluate_split(trainer, Path(data_root) / f"{prefix}{suffix}", batch_size)
-        log.info(f"{Path(checkpoint).name} {title}: {out[title]} ({time.time() - t0:.1f} s)")
+        log.info(f"{name} {title}: {out[title]} ({time.time() - t0:.1f} s)")
     return out

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from leignn_ocp import lineup
-from leignn_ocp.evaluation.checkpoints import checkpoint_params, find_checkpoint
-from leignn_ocp.evaluation.metrics import evaluate_checkpoint
+from leignn_ocp.evaluation.checkpoints import find_checkpoint, load_trainer
+from leignn_ocp.evaluation.metrics import evaluate_splits
 from leignn_ocp.evaluation.scales import has_scale_factors
 from leignn_ocp.evaluation.tables import write_outputs
 
@@ -64,7 +64,10 @@ def subset_data(data_root: Path, out: Path, train_size: int | None, eval_size: i
 def fairchem_cli() -> str:
     """The ``fairchem`` console script of this interpreter's environment, else the one on PATH."""
     exe = Path(sys.executable).with_name("fairchem")
-    return str(exe) if exe.exists() else (shutil.which("fairchem") or "fairchem")
+    found = str(exe) if exe.exists() else shutil.which("fairchem")
+    if not found:
+        raise SystemExit("the fairchem command is not installed (pip install fairchem-core)")
+    return found
 
 
 def train_args(config: Path, run_dir: Path, timestamp_id: str, identifier: str, *, seed: int = 0,
@@ -154,8 +157,9 @@ def run_lineup(config_dir: Path, out: Path, *, epochs: int | None = None, data_r
         ckpt = find_checkpoint(ckpt_dir, which)
         row = lineup.label(key)
         t0 = time.time()
-        results[row] = evaluate_checkpoint(ckpt, data, "val_", cpu=cpu)
-        extra[row] = {"params": checkpoint_params(ckpt), "train_s": round(train_s, 1),
+        trainer = load_trainer(ckpt, cpu=cpu)
+        results[row] = evaluate_splits(trainer, data, "val_", name=ckpt.name)
+        extra[row] = {"params": lineup.count_params(trainer.model), "train_s": round(train_s, 1),
                       "eval_s": round(time.time() - t0, 1)}
         log.info(f"{row}: trained in {train_s:.0f} s, evaluated in {extra[row]['eval_s']:.0f} s")
         write_outputs(results, out, extra=extra)

@@ -11,7 +11,6 @@ import logging
 import os
 import sys
 import types
-import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -22,7 +21,13 @@ from fairchem.core.common import utils as fc_utils
 from torch.distributed.elastic.utils.distributed import get_free_port
 from torch.distributed.launcher.api import LaunchConfig
 
-from leignn_ocp.launch.version import VERSION_ENV, WRITTEN_FOR, installed_fairchem, is_supported
+from leignn_ocp.launch.version import (
+    VERSION_ENV,
+    WRITTEN_FOR,
+    installed_fairchem,
+    is_supported,
+    refuse_unless_overridden,
+)
 
 WORKERS_KEY = "leignn_num_workers"  # config key carrying optim.num_workers past fairchem's main()
 _MISSING = object()
@@ -136,9 +141,7 @@ def check_patch(patch: Patch, found: str | None = None) -> None:
                f"fairchem-core {patch.written_for}.x, but fairchem-core {found} is installed. Install "
                f"fairchem-core=={patch.written_for}.* (the version pyproject.toml pins), use the plain "
                f"`fairchem` CLI without these fixes, or set {VERSION_ENV}=1 to patch anyway.")
-        if os.environ.get(VERSION_ENV) != "1":
-            raise RuntimeError(msg)
-        warnings.warn(msg, stacklevel=3)
+        refuse_unless_overridden(RuntimeError(msg), stacklevel=4)
     if not patch.adds and patch.attr not in vars(patch.target):
         raise RuntimeError(f"leignn_ocp.launch: fairchem-core {found} has no {where}.{patch.attr} to patch "
                            f"(fix {patch.fix}, written for fairchem-core {patch.written_for}.x)")

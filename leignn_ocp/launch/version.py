@@ -34,6 +34,11 @@ def check_fairchem_version(found: str | None = None) -> None:
            f"Install fairchem-core=={WRITTEN_FOR}.* (the version pyproject.toml pins), or use the plain "
            f"`fairchem` CLI without the launcher's fixes (the LEIGNN model itself does not need the launcher), "
            f"or set {VERSION_ENV}=1 to try the launcher anyway.")
+    refuse_unless_overridden(ImportError(msg), stacklevel=3)
+
+
+def refuse_unless_overridden(error: Exception, stacklevel: int = 2) -> None:
+    """Raise ``error`` (a version mismatch), or only warn with its message when :data:`VERSION_ENV` is ``1``."""
     if os.environ.get(VERSION_ENV) != "1":
-        raise ImportError(msg)
-    warnings.warn(msg, stacklevel=2)
+        raise error
+    warnings.warn(str(error), stacklevel=stacklevel)

@@ -29,15 +29,14 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from leignn_ocp.evaluation.runs import fairchem_cli
 from leignn_ocp.md import metrics as M
 from leignn_ocp.md.reference import SYSTEMS, make_calculator, make_lmdbs, make_trajectories
 
@@ -45,14 +44,6 @@ MD_PS = {"ethanol": 5.0, "cu_liquid": 5.0}
 EPOCHS = {"ethanol": 30, "cu_liquid": 6}
 SPECIES = {"cu_liquid": ["Cu"]}  # the diffusing species (None: all atoms)
 
-
-def fairchem_command() -> str:
-    """The ``fairchem`` console script of this interpreter's environment (else the one on PATH)."""
-    here = Path(sys.executable).parent / "fairchem"
-    found = str(here) if here.exists() else shutil.which("fairchem")
-    if not found:
-        raise SystemExit("the fairchem command is not installed (pip install fairchem-core)")
-    return found
 
 
 def find_checkpoint(run_dir: Path, identifier: str) -> Path | None:
@@ -76,7 +67,7 @@ def train(config: str | Path, run_dir: str | Path, identifier: str, epochs: int,
         return ckpt
     if not config.exists():
         raise SystemExit(f"{config} not found: run from the repository root or pass --configs")
-    cmd = [fairchem_command(), "--mode", "train", "--config-yml", str(config), "--cpu", "--run-dir", str(run_dir),
+    cmd = [fairchem_cli(), "--mode", "train", "--config-yml", str(config), "--cpu", "--run-dir", str(run_dir),
            "--identifier", identifier, "--seed", str(seed), f"--optim.max_epochs={epochs}"]
     if data_dir is not None:
         cmd += [f"--dataset.train.src={Path(data_dir) / 'train'}", f"--dataset.val.src={Path(data_dir) / 'val'}"]
