@@ -37,5 +37,8 @@ fi
 
 echo "[setup] leignn_ocp and the rest of its dependencies"
 "${PIP[@]}" install -q -e "$ROOT[test]"
-"$VENV/bin/python" -c "import leignn_ocp, torch_scatter, torch_sparse, torch_cluster; print('[setup] ok: torch', __import__('torch').__version__)"
+# mace-torch pins e3nn==0.4.4 while fairchem 1.10 needs e3nn>=0.5: install it without its pins (its other
+# dependencies are in pyproject.toml); tests/test_mace.py checks that the MACE row runs on this e3nn
+"${PIP[@]}" install -q --no-deps "mace-torch==0.3.16"
+"$VENV/bin/python" -c "import leignn_ocp, torch_scatter, torch_sparse, torch_cluster, mace.modules; print('[setup] ok: torch', __import__('torch').__version__)"
 echo "$WANT" > "$STAMP"

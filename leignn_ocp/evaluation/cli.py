@@ -49,7 +49,7 @@ from leignn_ocp.evaluation.metrics import evaluate_checkpoint
 from leignn_ocp.evaluation.runs import run_lineup
 from leignn_ocp.evaluation.scales import fit_scales
 from leignn_ocp.evaluation.submission import DEFAULT_DTYPE, DTYPES, make_submission, predict_splits, score_submission
-from leignn_ocp.evaluation.tables import markdown_table, write_outputs
+from leignn_ocp.evaluation.tables import markdown_table, write_outputs, write_seeded_outputs
 
 PROG = "leignn-evaluate"
 COMMANDS = ("quick", "table", "lineup", "predict", "score", "fit-scales")
@@ -99,7 +99,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="*", default=None,
                    help=f"subset of {', '.join(lineup.KEYS)} (keys or aliases; default: every one with a config)")
     p.add_argument("--out", default="results/default_lineup")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", "--seed", type=int, nargs="+", default=[0],
+                   help="fairchem --seed of each run (weights, shuffling); mean ± std over them")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the --train-size / --eval-size subsets")
+    p.add_argument("--overwrite", action="store_true",
+                   help="retrain (model, seed) pairs that already have a row file in --out/rows")
     p.add_argument("--no-fit-scales", action="store_true", help="leave PaiNN/GemNet ScaleFactors unfitted")
     p.add_argument("--scale-batches", type=int, default=None,
                    help="batches per ScaleFactor fit (fairchem's default 16; lineup default 4 on CPU, 16 on GPU)")
@@ -145,21 +149,23 @@ def _fit_scales_main(argv: Sequence[str]) -> int:
 
 
 def _lineup_note(a, r: dict, argv: Sequence[str]) -> str:
-    """The table's header: budget, data and the command that made it."""
+    """The table's header: budget, data, seeds and the command that made it."""
     cpu = a.device == "cpu"
     sizes = ""
     if r["data"] != Path(a.data_root):
         spec = json.loads((Path(r["data"]) / "subset.json").read_text())
-        sizes = (f" Data: seeded random subsets of {a.data_root} (seed {a.seed}): "
+        sizes = (f" Data: seeded random subsets of {a.data_root} (data seed {a.data_seed}): "
                  + ", ".join(f"{k[2:]} {v}" for k, v in spec.items() if k.startswith("n_")) + " structures.")
     budget = f"for {a.epochs} epoch(s)" if a.epochs is not None else "for its config's own optim.max_epochs"
+    seeds = sorted({s for row in r["rows"] for s in [row["seed"]]})
     note = (f"Budget: every model trained with `{Path(a.config_dir)}/<model>.yml` {budget} "
-            f"on the same training set (seed {a.seed}, {'GPU' if not cpu else 'CPU'}"
+            f"on the same training set, once per seed {seeds} ({'GPU' if not cpu else 'CPU'}"
             f"{', extra args ' + ' '.join(a.fairchem_args) if a.fairchem_args else ''}); the {a.which} checkpoint "
             f"(EMA weights) evaluated on {r['data']}/val_{{id,ood_ads,ood_cat,ood_both}}.{sizes} "
-            f"Line-up wall time {r['wall_s'] / 60:.1f} min. Energy MAE meV, force MAE meV/Å "
-            f"(free atoms), force cosine, EFwT %; params = trainable parameters, train_s includes "
-            f"process start, normalizer and scale-factor fitting and any per-epoch validation.")
+            f"Cells: mean ± sample std over seeds. Energy MAE meV, force MAE meV/Å "
+            f"(free atoms), force cosine, EFwT %; params = trainable parameters; train wall s includes "
+            f"process start, normalizer and scale-factor fitting and the validations of the learning curve "
+            f"(learning_curves.png).")
     return note + f"\n\nCommand: `{PROG} " + " ".join(argv) + "`"
 
 
@@ -203,12 +209,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif a.cmd == "lineup":
         out = Path(a.out)
         r = run_lineup(Path(a.config_dir), out, epochs=a.epochs, data_root=Path(a.data_root), models=a.models,
-                       cpu=cpu, seed=a.seed, fit_scales=not a.no_fit_scales, extra_args=a.fairchem_args,
-                       train_size=a.train_size, eval_size=a.eval_size,
-                       scale_batches=a.scale_batches or (4 if cpu else 16), which=a.which)
-        md = write_outputs(r["results"], out, "Table 1 on the embedded data", r["extra"], _lineup_note(a, r, argv))
+                       cpu=cpu, seeds=a.seeds, data_seed=a.data_seed, fit_scales=not a.no_fit_scales,
+                       extra_args=a.fairchem_args, train_size=a.train_size, eval_size=a.eval_size,
+                       scale_batches=a.scale_batches or (4 if cpu else 16), which=a.which, overwrite=a.overwrite)
+        md = write_seeded_outputs(r["rows"], out, "Table 1 on the embedded data", _lineup_note(a, r, argv))
         print(md, end="")
-        print(f"wrote {out}/table1.{{md,csv,png,json}}")
+        print(f"wrote {out}/table1.{{md,csv,png,json}} and {out}/learning_curves.png")
     elif a.cmd == "predict":
         ckpt = find_checkpoint(a.checkpoint, a.which)
         files = predict_splits(ckpt, a.data_root, Path(a.out), a.split_prefix, cpu, a.batch_size, a.dtype)

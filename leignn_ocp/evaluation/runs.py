@@ -1,4 +1,4 @@
-"""The line-up: every model of a config folder trained by the real ``fairchem`` CLI for one shared
+"""The line-up: every model of a config folder trained by the real ``fairchem`` CLI, once per seed, for one shared
 budget on the same (optionally subset) data, then scored on the four val splits.
 
 Training runs ``fairchem --mode train`` as a subprocess, as a user would; ScaleFactor fitting runs
@@ -121,46 +121,82 @@ def lineup_keys(config_dir: Path, models: Sequence[str] | None = None) -> list[s
     return keys
 
 
-def run_lineup(config_dir: Path, out: Path, *, epochs: int | None = None, data_root: Path = Path("data/default/s2ef"),
-               models: Sequence[str] | None = None, cpu: bool = True, seed: int = 0, fit_scales: bool = True,
-               extra_args: Sequence[str] = (), train_size: int | None = None, eval_size: int | None = None,
-               scale_batches: int = 16, which: str = "final") -> dict:
-    """Train each config with the fairchem CLI for the same number of epochs on the same data, then
-    evaluate every checkpoint (``which``: final or best) on the four val splits of ``data_root``
-    (or of their subsets). Writes a partial table after every model.
+def checkpoint_step(ckpt: Path) -> int:
+    """The optimizer step a fairchem checkpoint was saved at (inference loading does not restore it)."""
+    import torch
 
-    Returns {"results", "extra" (params, train_s, eval_s per row), "data" (root scored), "wall_s"}.
+    return int(torch.load(str(ckpt), map_location="cpu", weights_only=False).get("step", 0))
+
+
+def learning_curve(logs_dir: Path, tag: str = "val/forces_mae") -> list[tuple[int, float]]:
+    """(step, value) of one scalar that fairchem's tensorboard logger wrote during training."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logs_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    if tag not in acc.Tags().get("scalars", []):
+        return []
+    return [(int(e.step), float(e.value)) for e in acc.Scalars(tag)]
+
+
+def run_lineup(config_dir: Path, out: Path, *, epochs: int | None = None, data_root: Path = Path("data/default/s2ef"),
+               models: Sequence[str] | None = None, cpu: bool = True, seeds: Sequence[int] = (0,), data_seed: int = 0,
+               fit_scales: bool = True, extra_args: Sequence[str] = (), train_size: int | None = None,
+               eval_size: int | None = None, scale_batches: int = 16, which: str = "final",
+               overwrite: bool = False) -> dict:
+    """Train each config with the fairchem CLI once per seed, for the same number of epochs on the
+    same data, then evaluate every checkpoint (``which``: final or best) on the four val splits of
+    ``data_root`` (or of their subsets, drawn with ``data_seed``).
+
+    The seed sets fairchem's ``--seed`` (weights, shuffling); the data stay the same. Each finished
+    (model, seed) is saved as ``<out>/rows/<key>_s<seed>.json`` (metrics, params, train_s, eval_s and
+    the val force-MAE learning curve) and skipped by a later call unless ``overwrite``: an interrupted
+    line-up resumes, and several line-up processes with disjoint ``models`` may share one ``out``.
+
+    Returns {"rows": every row file of ``out`` (this call's and earlier ones), "data", "wall_s"}.
     """
     config_dir, out, data_root = Path(config_dir), Path(out), Path(data_root)
     keys = lineup_keys(config_dir, models)
-    data = subset_data(data_root, out, train_size, eval_size, seed)
+    data = subset_data(data_root, out, train_size, eval_size, data_seed)
     runs = out / "runs"
-    args = functools.partial(train_args, run_dir=runs, seed=seed, epochs=epochs,
-                             data=data if data != data_root else None, cpu=cpu, extra=extra_args)
-    results, extra = {}, {}
+    rows_dir = out / "rows"
+    rows_dir.mkdir(parents=True, exist_ok=True)
     t_all = time.time()
     for key in keys:
         cfg = config_dir / f"{key}.yml"
-        ckpt_dir = runs / "checkpoints" / key
-        if ckpt_dir.exists():
-            shutil.rmtree(ckpt_dir)
-        train = [fairchem_cli(), *args(cfg, timestamp_id=key, identifier=key)]
-        t0 = time.time()
-        if fit_scales and has_scale_factors(cfg):
-            scale_json = runs / "scale_factors" / f"{key}.json"
-            run_logged([sys.executable, "-m", "leignn_ocp.evaluation", "fit-scales", "--out", str(scale_json),
-                        "--num-batches", str(scale_batches), *args(cfg, timestamp_id=f"{key}_fit", identifier=key)],
-                       runs / f"{key}_fit_scales.log")
-            train.append(f"--model.scale_file={scale_json}")
-        run_logged(train, runs / f"{key}.log")
-        train_s = time.time() - t0
-        ckpt = find_checkpoint(ckpt_dir, which)
-        row = lineup.label(key)
-        t0 = time.time()
-        trainer = load_trainer(ckpt, cpu=cpu)
-        results[row] = evaluate_splits(trainer, data, "val_", name=ckpt.name)
-        extra[row] = {"params": lineup.count_params(trainer.model), "train_s": round(train_s, 1),
-                      "eval_s": round(time.time() - t0, 1)}
-        log.info(f"{row}: trained in {train_s:.0f} s, evaluated in {extra[row]['eval_s']:.0f} s")
-        write_outputs(results, out, extra=extra)
-    return {"results": results, "extra": extra, "data": data, "wall_s": time.time() - t_all}
+        for seed in seeds:
+            row_file = rows_dir / f"{key}_s{seed}.json"
+            if row_file.is_file() and not overwrite:
+                log.info(f"{key} seed {seed}: done before ({row_file})")
+                continue
+            run_id = f"{key}_s{seed}"
+            args = functools.partial(train_args, run_dir=runs, seed=seed, epochs=epochs,
+                                     data=data if data != data_root else None, cpu=cpu, extra=extra_args)
+            ckpt_dir = runs / "checkpoints" / run_id
+            if ckpt_dir.exists():
+                shutil.rmtree(ckpt_dir)
+            train = [fairchem_cli(), *args(cfg, timestamp_id=run_id, identifier=key)]
+            t0 = time.time()
+            if fit_scales and has_scale_factors(cfg):
+                scale_json = runs / "scale_factors" / f"{run_id}.json"
+                run_logged([sys.executable, "-m", "leignn_ocp.evaluation", "fit-scales", "--out", str(scale_json),
+                            "--num-batches", str(scale_batches),
+                            *args(cfg, timestamp_id=f"{run_id}_fit", identifier=key)],
+                           runs / f"{run_id}_fit_scales.log")
+                train.append(f"--model.scale_file={scale_json}")
+            run_logged(train, runs / f"{run_id}.log")
+            train_s = time.time() - t0
+            ckpt = find_checkpoint(ckpt_dir, which)
+            t0 = time.time()
+            trainer = load_trainer(ckpt, cpu=cpu)
+            row = {"key": key, "label": lineup.label(key), "seed": seed, "config": str(cfg),
+                   "results": evaluate_splits(trainer, data, "val_", name=f"{ckpt.name} seed {seed}"),
+                   "params": lineup.count_params(trainer.model), "steps": checkpoint_step(ckpt),
+                   "train_s": round(train_s, 1), "eval_s": round(time.time() - t0, 1),
+                   "curve": learning_curve(runs / "logs" / "tensorboard" / run_id)}
+            tmp = row_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(row, indent=1))
+            tmp.rename(row_file)  # a row file is whole or absent
+            log.info(f"{row['label']} seed {seed}: trained in {train_s:.0f} s, evaluated in {row['eval_s']:.0f} s")
+    rows = [json.loads(f.read_text()) for f in sorted(rows_dir.glob("*.json"))]
+    return {"rows": rows, "data": data, "wall_s": time.time() - t_all}

@@ -114,3 +114,140 @@ def write_outputs(results: dict, out: Path, title: str = "", extra: dict | None 
     bar_chart(results, out / "table1.png", title)
     (out / "table1.json").write_text(json.dumps({"results": results, "extra": extra or {}}, indent=1))
     return md
+
+
+# --------------------------------------------------------------------------- seeded line-ups
+
+
+def aggregate(rows: list[dict]) -> dict[str, dict]:
+    """Line-up row files (one per model and seed, :func:`~leignn_ocp.evaluation.runs.run_lineup`)
+    -> {label: {"mean", "std" (results-shaped), "seeds", "params", "train_s", "steps", "curves"}},
+    in the registry's order. std is the sample standard deviation (ddof 1; 0 for one seed)."""
+    from leignn_ocp import lineup
+
+    order = {k: i for i, k in enumerate(lineup.KEYS)}
+    by_model: dict[str, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: (order.get(r["key"], len(order)), r["key"], r["seed"])):
+        by_model.setdefault(r["label"], []).append(r)
+    out = {}
+    for label, rs in by_model.items():
+        mean, std = {}, {}
+        for t in SPLIT_TITLES:
+            vals = {c: np.array([r["results"][t][c] for r in rs]) for c in COLUMNS}
+            mean[t] = {c: float(v.mean()) for c, v in vals.items()}
+            std[t] = {c: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for c, v in vals.items()}
+        train_s = np.array([r["train_s"] for r in rs])
+        out[label] = {"mean": mean, "std": std, "seeds": [r["seed"] for r in rs], "params": rs[0]["params"],
+                      "steps": rs[0]["steps"], "train_s": float(train_s.mean()),
+                      "train_s_std": float(train_s.std(ddof=1)) if len(rs) > 1 else 0.0,
+                      "curves": [r["curve"] for r in rs]}
+    return out
+
+
+def seeded_markdown(agg: dict) -> str:
+    """Table 1 with mean ± std over seeds, then force cosine / EFwT means, then cost per model."""
+    lines = ["| model | seeds | " + " | ".join(f"{t} E | {t} F" for t in SPLIT_TITLES) + " |",
+             "|---|---|" + "---|---|" * len(SPLIT_TITLES)]
+    for label, a in agg.items():
+        cells = [f"{a['mean'][t][c]:.1f} ± {a['std'][t][c]:.1f}"
+                 for t in SPLIT_TITLES for c in ("energy_mae_meV", "forces_mae_meV_per_A")]
+        lines.append(f"| {label} | {len(a['seeds'])} | " + " | ".join(cells) + " |")
+    lines += ["", "| model | " + " | ".join(f"{t} cos | {t} EFwT %" for t in SPLIT_TITLES) + " |",
+              "|---|" + "---|---|" * len(SPLIT_TITLES)]
+    for label, a in agg.items():
+        cells = [f"{a['mean'][t]['forces_cos']:.3f}" if c == 0 else f"{a['mean'][t]['efwt_percent']:.2f}"
+                 for t in SPLIT_TITLES for c in (0, 1)]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "| model | params | steps | train wall s (mean ± std) | val F at end (meV/Å) |", "|---|---|---|---|---|"]
+    for label, a in agg.items():
+        ends = [c[-1][1] * 1000 for c in a["curves"] if c]
+        end = f"{np.mean(ends):.1f}" if ends else "-"
+        lines.append(f"| {label} | {a['params']} | {a['steps']} | {a['train_s']:.0f} ± {a['train_s_std']:.0f} | {end} |")
+    return "\n".join(lines) + "\n"
+
+
+def seeded_bar_chart(agg: dict, path: Path, title: str = "") -> None:
+    """Energy and force MAE per split, one bar per model at the seed mean, error bars ± 1 std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(agg)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    width = 0.8 / max(len(models), 1)
+    x = np.arange(len(SPLIT_TITLES))
+    for ax, key, ylabel in ((axes[0], "energy_mae_meV", "energy MAE (meV)"),
+                            (axes[1], "forces_mae_meV_per_A", "force MAE (meV/Å)")):
+        allv = []
+        for i, m in enumerate(models):
+            mean = [agg[m]["mean"][t][key] for t in SPLIT_TITLES]
+            std = [agg[m]["std"][t][key] for t in SPLIT_TITLES]
+            allv += [v for v in mean if v > 0]
+            ax.bar(x + (i - (len(models) - 1) / 2) * width, mean, width, yerr=std, capsize=2,
+                   label=f"{m} ({len(agg[m]['seeds'])} seeds)", color=f"C{i % 10}")
+        if allv and max(allv) / min(allv) > 30:
+            ax.set_yscale("log")
+            ylabel += ", log scale"
+        ax.set_xticks(x, SPLIT_TITLES)
+        ax.set_ylabel(ylabel + ", mean ± std")
+        ax.grid(axis="y", alpha=0.3, which="both")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(models), 4), fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title)
+    rows = (len(models) + 3) // 4
+    fig.tight_layout(rect=(0, 0.05 * rows + 0.02, 1, 1))
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def learning_curves_png(agg: dict, path: Path, title: str = "") -> None:
+    """Validation force MAE against training step, one line per model (seed mean, band = min..max)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (m, a) in enumerate(agg.items()):
+        curves = [c for c in a["curves"] if c]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        steps = np.array([s for s, _ in curves[0][:n]])
+        vals = np.array([[v * 1000 for _, v in c[:n]] for c in curves])  # [seeds, evals], meV/Å
+        ax.plot(steps, vals.mean(0), color=f"C{i % 10}", label=m, lw=1.5)
+        ax.fill_between(steps, vals.min(0), vals.max(0), color=f"C{i % 10}", alpha=0.15)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("val_id force MAE (meV/Å), seed mean, band min..max")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def write_seeded_outputs(rows: list[dict], out: Path, title: str = "", note: str = "") -> str:
+    """<out>/table1.{md,csv,json,png} and <out>/learning_curves.png from line-up row files."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    agg = aggregate(rows)
+    md = (f"# {title}\n\n" if title else "") + (note + "\n\n" if note else "") + seeded_markdown(agg)
+    (out / "table1.md").write_text(md)
+    with open(out / "table1.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "split", "n_seeds", *(f"{c}_{s}" for c in COLUMNS for s in ("mean", "std")),
+                    "params", "steps", "train_s_mean", "train_s_std"])
+        for m, a in agg.items():
+            for t in SPLIT_TITLES:
+                w.writerow([m, t, len(a["seeds"]),
+                            *(f"{a[s][t][c]:.6g}" for c in COLUMNS for s in ("mean", "std")),
+                            a["params"], a["steps"], f"{a['train_s']:.1f}", f"{a['train_s_std']:.1f}"])
+    (out / "table1.json").write_text(json.dumps(agg, indent=1))
+    seeded_bar_chart(agg, out / "table1.png", title)
+    learning_curves_png(agg, out / "learning_curves.png", title)
+    return md
