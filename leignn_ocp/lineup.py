@@ -100,7 +100,7 @@ ENTRIES: tuple[Entry, ...] = (
 MODELS: dict[str, Entry] = {e.key: e for e in ENTRIES}
 KEYS: tuple[str, ...] = tuple(MODELS)
 # The three LEIGNN variants of the paper's Table 2: key -> constructor switches.
-VARIANTS: dict[str, dict] = {e.key: dict(e.switches) for e in ENTRIES if e.is_leignn}
+VARIANTS: dict[str, dict] = {e.key: dict(e.switches) for e in ENTRIES if e.is_leignn and e.published}
 # OC20 folders that hold every entry's leaf config; "default" is the embedded data.
 SIZES: tuple[str, ...] = ("default", "50k", "200k", "2M", "all")
 

@@ -59,6 +59,9 @@ def test_train_then_predict_with_fairchem_cli(tmp_path):
     assert ckpt["step"] == 6  # 2 epochs x 3 batches of 4
     assert ckpt["config"]["model"]["name"] == "leignn_ocp.LEIGNN"
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+    # the optimizer fairchem's trainer really built from the recipe: AdamW(amsgrad), decay 0 everywhere
+    groups = ckpt["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.0] and groups[0]["amsgrad"] is True
 
     pred = subprocess.run(
         [fairchem_cli(), "--mode", "predict", "--config-yml", str(cfg_path), "--cpu",
