@@ -32,7 +32,11 @@ _DIRECTED = ("fairchem's symmetrize_edges assumes an undirected graph; the max_n
              "depends on atom order and image layout (passes with max_neighbors=200)")
 _FILTER_BIAS = ("the radial filter Linear(rbf) has a bias, so an edge at r_c still carries "
                 "x_j * b: energy jumps at r_c once the bias is non-zero")
+_HARD_CUTOFF = ("the CGCNN paper's hard cutoff (smooth_cutoff: False in the config): an edge at r_c still "
+                "carries sigmoid(.) * softplus(.) > 0, so the energy jumps as a neighbour leaves (0.019 eV "
+                "fresh, 0.22 eV perturbed); smooth_cutoff=True passes (tests/test_cgcnn.py)")
 KNOWN_FAILURES: dict[str, dict[str, str]] = {
+    "cgcnn": {"smoothness": _HARD_CUTOFF, "smoothness_trained": _HARD_CUTOFF},
     "painn": {"permutation": _DIRECTED, "extensive": _DIRECTED, "smoothness_trained": _FILTER_BIAS,
               "gradient": "on the periodic path (boxed molecule) its autograd forces differ from -dE/dx "
                           "by O(1) while finite differences at h = 1e-2 and 3e-3 agree; cause not traced"},

@@ -252,6 +252,9 @@ def test_lineup_subsets_are_seeded_and_stable(tmp_path):
     assert len(train) == 4 and set(train) <= set(sids(data / "train"))
     for _, suffix, _ in lineup.SPLITS:
         assert len(sids(sub / f"val_{suffix}")) == 2
+    stamp = sub / "subset.json"
+    made = stamp.stat().st_mtime_ns
+    assert ev.subset_data(data, tmp_path / "a", 4, 2, 0) == sub and stamp.stat().st_mtime_ns == made  # reused
     again = ev.subset_data(data, tmp_path / "b", 4, 2, 0)
     assert sids(again / "train") == train and sids(again / "val_ood_cat") == sids(sub / "val_ood_cat")
     assert ev.subset_data(data, tmp_path / "a", 50, None, 0) == tmp_path / "a" / "data"  # sizes above n: all
@@ -317,3 +320,38 @@ def test_evaluate_commands_run(spelling):
                            capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr[-3000:]
         assert "--num-batches" in p.stdout and "scale_file" in p.stdout
+
+
+@pytest.mark.slow
+def test_seeded_lineup_end_to_end(tmp_path, monkeypatch):
+    """The real command: two models x two seeds through the fairchem CLI on EMT-labelled LMDBs;
+    one row file per (model, seed) with its learning curve, mean ± std over the seeds, and a
+    second call that finds every row done and trains nothing."""
+    monkeypatch.chdir(REPO)
+    data = tmp_path / "data"
+    for split, (n, seed) in {"train": (16, 0), "val_id": (4, 1), "val_ood_ads": (4, 2), "val_ood_cat": (4, 3),
+                             "val_ood_both": (4, 4)}.items():
+        write_lmdb(data / split, [labelled_data(a, sid=i) for i, a in enumerate(emt_slab_frames(n, seed))])
+    out = tmp_path / "lineup"
+    argv = ["lineup", "--config-dir", "configs/s2ef/default", "--models", "leignn", "schnet", "--seeds", "0", "1",
+            "--epochs", "1", "--data-root", str(data), "--out", str(out), "--cpu",
+            "--", "--optim.batch_size=4", "--optim.eval_every=2", "--optim.checkpoint_every=-1",
+            "--model.hidden_channels=16"]
+    assert cli.main(argv) == 0
+    rows = sorted(p.name for p in (out / "rows").glob("*.json"))
+    assert rows == ["leignn_s0.json", "leignn_s1.json", "schnet_s0.json", "schnet_s1.json"]
+    row = json.loads((out / "rows" / "leignn_s1.json").read_text())
+    assert row["seed"] == 1 and row["steps"] == 4  # 16 structures / batch 4
+    assert [s for s, _ in row["curve"]] == [2, 4]  # val force MAE at every eval_every
+    agg = json.loads((out / "table1.json").read_text())
+    assert list(agg) == ["SchNet", "LEIGNN"]  # the registry's order
+    f = [json.loads((out / "rows" / f"leignn_s{s}.json").read_text())["results"]["ID"]["forces_mae_meV_per_A"]
+         for s in (0, 1)]
+    assert f[0] != f[1]  # the seed reaches the run
+    assert agg["LEIGNN"]["mean"]["ID"]["forces_mae_meV_per_A"] == pytest.approx(np.mean(f))
+    assert agg["LEIGNN"]["std"]["ID"]["forces_mae_meV_per_A"] == pytest.approx(np.std(f, ddof=1))
+    assert f"{np.mean(f):.1f} ± {np.std(f, ddof=1):.1f}" in (out / "table1.md").read_text()
+    assert (out / "learning_curves.png").stat().st_size > 0 and (out / "table1.png").stat().st_size > 0
+    made = {p: p.stat().st_mtime_ns for p in (out / "rows").glob("*.json")}
+    assert cli.main(argv) == 0  # resumes: nothing left to train
+    assert {p: p.stat().st_mtime_ns for p in (out / "rows").glob("*.json")} == made

@@ -163,9 +163,9 @@ def _lineup_note(a, r: dict, argv: Sequence[str]) -> str:
             f"{', extra args ' + ' '.join(a.fairchem_args) if a.fairchem_args else ''}); the {a.which} checkpoint "
             f"(EMA weights) evaluated on {r['data']}/val_{{id,ood_ads,ood_cat,ood_both}}.{sizes} "
             f"Cells: mean ± sample std over seeds. Energy MAE meV, force MAE meV/Å "
-            f"(free atoms), force cosine, EFwT %; params = trainable parameters; train wall s includes "
-            f"process start, normalizer and scale-factor fitting and the validations of the learning curve "
-            f"(learning_curves.png).")
+            f"(free atoms), force cosine, EFwT %; params = trainable parameters; train wall s: the `fairchem` "
+            f"process, start and normalizer fit and the validations of the learning curve (learning_curves.png) "
+            f"included; PaiNN / GemNet-dT ScaleFactors fitted once per model beforehand (not included).")
     return note + f"\n\nCommand: `{PROG} " + " ".join(argv) + "`"
 
 

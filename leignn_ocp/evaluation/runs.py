@@ -41,8 +41,8 @@ def subset_data(data_root: Path, out: Path, train_size: int | None, eval_size: i
     dst = out / "data"
     spec = {"source": str(data_root), "train_size": train_size, "eval_size": eval_size, "seed": seed}
     stamp = dst / "subset.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == spec:
-        return dst
+    if stamp.is_file() and {k: v for k, v in json.loads(stamp.read_text()).items() if k in spec} == spec:
+        return dst  # the same subsets (the stamp also records their sizes, n_<split>)
     if dst.exists():
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
@@ -177,13 +177,19 @@ def run_lineup(config_dir: Path, out: Path, *, epochs: int | None = None, data_r
                 shutil.rmtree(ckpt_dir)
             train = [fairchem_cli(), *args(cfg, timestamp_id=run_id, identifier=key)]
             t0 = time.time()
-            if fit_scales and has_scale_factors(cfg):
-                scale_json = runs / "scale_factors" / f"{run_id}.json"
+            # fitted once per model, for the first seed's initial weights: the factors normalise
+            # activation variances, which depend on the data and the architecture, hardly the seed
+            scale_json = runs / "scale_factors" / f"{key}.json"
+            refit = overwrite and seed == seeds[0]
+            if fit_scales and (refit or not scale_json.is_file()) and has_scale_factors(cfg):
                 run_logged([sys.executable, "-m", "leignn_ocp.evaluation", "fit-scales", "--out", str(scale_json),
                             "--num-batches", str(scale_batches),
                             *args(cfg, timestamp_id=f"{run_id}_fit", identifier=key)],
                            runs / f"{run_id}_fit_scales.log")
+            if fit_scales and scale_json.is_file():
                 train.append(f"--model.scale_file={scale_json}")
+            fit_s = time.time() - t0
+            t0 = time.time()
             run_logged(train, runs / f"{run_id}.log")
             train_s = time.time() - t0
             ckpt = find_checkpoint(ckpt_dir, which)
@@ -192,7 +198,7 @@ def run_lineup(config_dir: Path, out: Path, *, epochs: int | None = None, data_r
             row = {"key": key, "label": lineup.label(key), "seed": seed, "config": str(cfg),
                    "results": evaluate_splits(trainer, data, "val_", name=f"{ckpt.name} seed {seed}"),
                    "params": lineup.count_params(trainer.model), "steps": checkpoint_step(ckpt),
-                   "train_s": round(train_s, 1), "eval_s": round(time.time() - t0, 1),
+                   "train_s": round(train_s, 1), "fit_scales_s": round(fit_s, 1), "eval_s": round(time.time() - t0, 1),
                    "curve": learning_curve(runs / "logs" / "tensorboard" / run_id)}
             tmp = row_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(row, indent=1))
