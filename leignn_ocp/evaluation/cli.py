@@ -102,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", "--seed", type=int, nargs="+", default=[0],
                    help="fairchem --seed of each run (weights, shuffling); mean ± std over them")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the --train-size / --eval-size subsets")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the table from the row files already in --out/rows")
     p.add_argument("--overwrite", action="store_true",
                    help="retrain (model, seed) pairs that already have a row file in --out/rows")
     p.add_argument("--no-fit-scales", action="store_true", help="leave PaiNN/GemNet ScaleFactors unfitted")
@@ -166,7 +168,7 @@ def _lineup_note(a, r: dict, argv: Sequence[str]) -> str:
             f"(free atoms), force cosine, EFwT %; params = trainable parameters; train wall s: the `fairchem` "
             f"process, start and normalizer fit and the validations of the learning curve (learning_curves.png) "
             f"included; PaiNN / GemNet-dT ScaleFactors fitted once per model beforehand (not included).")
-    return note + f"\n\nCommand: `{PROG} " + " ".join(argv) + "`"
+    return note + f"\n\nCommand: `{PROG} " + " ".join(x for x in argv if x != "--report-only") + "`"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -211,7 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         r = run_lineup(Path(a.config_dir), out, epochs=a.epochs, data_root=Path(a.data_root), models=a.models,
                        cpu=cpu, seeds=a.seeds, data_seed=a.data_seed, fit_scales=not a.no_fit_scales,
                        extra_args=a.fairchem_args, train_size=a.train_size, eval_size=a.eval_size,
-                       scale_batches=a.scale_batches or (4 if cpu else 16), which=a.which, overwrite=a.overwrite)
+                       scale_batches=a.scale_batches or (4 if cpu else 16), which=a.which, overwrite=a.overwrite,
+                       train=not a.report_only)
         md = write_seeded_outputs(r["rows"], out, "Table 1 on the embedded data", _lineup_note(a, r, argv))
         print(md, end="")
         print(f"wrote {out}/table1.{{md,csv,png,json}} and {out}/learning_curves.png")

@@ -143,7 +143,7 @@ def run_lineup(config_dir: Path, out: Path, *, epochs: int | None = None, data_r
                models: Sequence[str] | None = None, cpu: bool = True, seeds: Sequence[int] = (0,), data_seed: int = 0,
                fit_scales: bool = True, extra_args: Sequence[str] = (), train_size: int | None = None,
                eval_size: int | None = None, scale_batches: int = 16, which: str = "final",
-               overwrite: bool = False) -> dict:
+               overwrite: bool = False, train: bool = True) -> dict:
     """Train each config with the fairchem CLI once per seed, for the same number of epochs on the
     same data, then evaluate every checkpoint (``which``: final or best) on the four val splits of
     ``data_root`` (or of their subsets, drawn with ``data_seed``).
@@ -152,6 +152,7 @@ def run_lineup(config_dir: Path, out: Path, *, epochs: int | None = None, data_r
     (model, seed) is saved as ``<out>/rows/<key>_s<seed>.json`` (metrics, params, train_s, eval_s and
     the val force-MAE learning curve) and skipped by a later call unless ``overwrite``: an interrupted
     line-up resumes, and several line-up processes with disjoint ``models`` may share one ``out``.
+    ``train=False`` trains nothing and only collects the row files there are.
 
     Returns {"rows": every row file of ``out`` (this call's and earlier ones), "data", "wall_s"}.
     """
@@ -168,6 +169,9 @@ def run_lineup(config_dir: Path, out: Path, *, epochs: int | None = None, data_r
             row_file = rows_dir / f"{key}_s{seed}.json"
             if row_file.is_file() and not overwrite:
                 log.info(f"{key} seed {seed}: done before ({row_file})")
+                continue
+            if not train:
+                log.info(f"{key} seed {seed}: not trained yet (--report-only)")
                 continue
             run_id = f"{key}_s{seed}"
             args = functools.partial(train_args, run_dir=runs, seed=seed, epochs=epochs,

@@ -137,7 +137,12 @@ def aggregate(rows: list[dict]) -> dict[str, dict]:
             mean[t] = {c: float(v.mean()) for c, v in vals.items()}
             std[t] = {c: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for c, v in vals.items()}
         train_s = np.array([r["train_s"] for r in rs])
+        try:
+            forces = "−∂E/∂x" if lineup.get(rs[0]["key"]).conservative else "direct"
+        except KeyError:  # a config of the user's own
+            forces = "-"
         out[label] = {"mean": mean, "std": std, "seeds": [r["seed"] for r in rs], "params": rs[0]["params"],
+                      "forces": forces,
                       "steps": rs[0]["steps"], "train_s": float(train_s.mean()),
                       "train_s_std": float(train_s.std(ddof=1)) if len(rs) > 1 else 0.0,
                       "curves": [r["curve"] for r in rs]}
@@ -158,11 +163,13 @@ def seeded_markdown(agg: dict) -> str:
         cells = [f"{a['mean'][t]['forces_cos']:.3f}" if c == 0 else f"{a['mean'][t]['efwt_percent']:.2f}"
                  for t in SPLIT_TITLES for c in (0, 1)]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "| model | params | steps | train wall s (mean ± std) | val F at end (meV/Å) |", "|---|---|---|---|---|"]
+    lines += ["", "| model | forces | params | steps | train wall s (mean ± std) | val F at end (meV/Å) |",
+              "|---|---|---|---|---|---|"]
     for label, a in agg.items():
         ends = [c[-1][1] * 1000 for c in a["curves"] if c]
         end = f"{np.mean(ends):.1f}" if ends else "-"
-        lines.append(f"| {label} | {a['params']} | {a['steps']} | {a['train_s']:.0f} ± {a['train_s_std']:.0f} | {end} |")
+        lines.append(f"| {label} | {a['forces']} | {a['params']} | {a['steps']} | "
+                     f"{a['train_s']:.0f} ± {a['train_s_std']:.0f} | {end} |")
     return "\n".join(lines) + "\n"
 
 
