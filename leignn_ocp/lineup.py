@@ -33,6 +33,7 @@ class Entry:
     published: paper Table 1 on OC20-200K, {split title: (energy meV, force meV/Å)}.
     published_50k_id: paper Table 2 on OC20-50K ID (energy, force), where reported.
     aliases: older spellings of ``key`` still accepted on command lines.
+    benchmarked: in the efficiency benchmark's default list.
     """
 
     key: str
@@ -43,6 +44,7 @@ class Entry:
     published: dict = field(default_factory=dict)
     published_50k_id: tuple[float, float] | None = None
     aliases: tuple[str, ...] = ()
+    benchmarked: bool = True  # False: costs exactly what another entry costs (an initialisation switch)
 
     @property
     def is_leignn(self) -> bool:
@@ -94,7 +96,8 @@ ENTRIES: tuple[Entry, ...] = (
           published=_row(415, 43.9, 502, 49.6, 452, 43.9, 613, 58.1), published_50k_id=(531, 51.2)),
     # not in the paper: LEIGNN with its energy readout zeroed at the start, which no baseline has
     Entry("leignn_zero_init", "LEIGNN (zero-init energy)", conservative=False,
-          switches={"update": "nmu", "global_messages": True, "zero_init_energy": True}, tiny=_LEIGNN_TINY),
+          switches={"update": "nmu", "global_messages": True, "zero_init_energy": True}, tiny=_LEIGNN_TINY,
+          benchmarked=False),
 )
 
 MODELS: dict[str, Entry] = {e.key: e for e in ENTRIES}

@@ -44,7 +44,7 @@ CKPT_KEY = "early_stopping"  # where a training checkpoint keeps the count
 PATIENCE_KEY = "early_stopping_patience"
 MIN_DELTA_KEY = "early_stopping_min_delta"
 ALLOW_UNFITTED_KEY = "allow_unfitted_scale_factors"
-FIT_DOC = 'README "Scale factors" and configs/s2ef/scales/README.md'
+FIT_DOC = "configs/s2ef/scales/README.md and docs/notes/training.md"
 
 
 class UnfittedScaleFactorsError(ValueError):
@@ -99,6 +99,10 @@ def improved(value: float, best: float | None, min_delta: float, lower_is_better
     if best is None:
         return math.isfinite(value)
     return value < best - min_delta if lower_is_better else value > best + min_delta
+
+
+def _fmt(value: float | None) -> str:
+    return "none (no finite value yet)" if value is None else f"{value:.6g}"
 
 
 def lower_is_better(metric: str) -> bool:
@@ -173,7 +177,7 @@ class Trainer(OCPTrainer):
             self.step, self.epoch = self._stop_at  # the next step was only begun (batch drawn, nothing run)
             st.stopped_step = self.step
             self._log(f"Early stopping at step {self.step} (epoch {self.epoch:.2f}): val {metric} has not "
-                      f"improved on {st.best:.6g} (step {st.best_step}) for {st.wait} evaluations (patience "
+                      f"improved on {_fmt(st.best)} (step {st.best_step}) for {st.wait} evaluations (patience "
                       f"{es.patience}, min_delta {es.min_delta:g}); saving checkpoint.pt and ending training")
             self.save(checkpoint_file="checkpoint.pt", training_state=True)
         return None
@@ -188,7 +192,7 @@ class Trainer(OCPTrainer):
             st.best, st.best_step, st.wait = value, self.step, 0
         else:
             st.wait += 1
-        self._log(f"early stopping: val {primary_metric} {value:.6g} at step {self.step}, best {st.best:.6g} "
+        self._log(f"early stopping: val {primary_metric} {value:.6g} at step {self.step}, best {_fmt(st.best)} "
                   f"at step {st.best_step}: {st.wait}/{es.patience} evaluations without improvement")
         if self.logger is not None:
             self.logger.log({"early_stopping_wait": st.wait}, step=self.step, split="val")
@@ -228,7 +232,7 @@ class Trainer(OCPTrainer):
             f"({', '.join(names)}). fairchem would only warn and train with every one of them skipped, "
             f"so activations are not normalised and the results are not the model's. Fit them on this "
             f"run's training data:\n  {fit_command(short)}\nor resume from a checkpoint whose factors are "
-            f"fitted. optim.{ALLOW_UNFITTED_KEY}=True trains unfitted anyway. See {FIT_DOC}.")
+            f"fitted (--optim.{ALLOW_UNFITTED_KEY}=True trains them unfitted, as fairchem would). See {FIT_DOC}.")
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, metrics=None, checkpoint_file: str = "checkpoint.pt", training_state: bool = True):

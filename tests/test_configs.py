@@ -51,7 +51,7 @@ def test_every_size_has_the_full_lineup():
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(S2EF)) for p in CONFIGS])
 def test_config_loads_and_builds(path):
     config = _load(path)
-    assert config["trainer"] == "ocp"
+    assert config["trainer"] == "leignn_ocp.trainer.Trainer"
     ds = config["dataset"]
     assert {"train", "val"} <= set(ds), f"{path}: dataset needs train and val"
     # fairchem opens val and test in one process: the same LMDB folder twice fails

@@ -105,7 +105,8 @@ class MACE(nn.Module, GraphModelMixin):
         num_polynomial_cutoff: int = 5, radial_MLP: list[int] | None = None, avg_num_neighbors: float = 1.0,
         interaction: str = "RealAgnosticResidualInteractionBlock",
         interaction_first: str = "RealAgnosticInteractionBlock", gate: str = "silu",
-        num_elements: int | None = None, atomic_numbers: list[int] | None = None, atomic_inter_scale: float = 1.0, atomic_inter_shift: float = 0.0,
+        num_elements: int | None = None, atomic_numbers: list[int] | None = None,
+        atomic_inter_scale: float = 1.0, atomic_inter_shift: float = 0.0,
         cutoff: float = 6.0, max_neighbors: int = 50, regress_forces: bool = True, direct_forces: bool = False,
         use_pbc: bool = True, use_pbc_single: bool = False, otf_graph: bool = True,
         enforce_max_neighbors_strictly: bool = True, **unknown,
@@ -212,8 +213,11 @@ class MACE(nn.Module, GraphModelMixin):
                 graph = self.generate_graph(_float32_geometry(data))
             edge_index, offsets = graph.edge_index, graph.cell_offsets
             if offsets.shape[0] != edge_index.shape[1]:
-                # get_pbc_distances drops zero-length edges from edge_index but not from cell_offsets
-                raise ValueError("MACE: two atoms of a structure sit at the same point (a zero-length edge)")
+                # get_pbc_distances filters zero-length edges out of edge_index but returns the
+                # unfiltered cell_offsets; radius_graph_pbc never makes such edges (it drops pairs
+                # closer than 0.01 A), so this only guards the pairing of the two
+                raise RuntimeError(f"MACE: fairchem's graph has {edge_index.shape[1]} edges but "
+                                   f"{offsets.shape[0]} cell offsets")
             return edge_index, offsets
         graph = self.generate_graph(data, max_neighbors=max(int(data.natoms.max()), 1))
         order = torch.argsort(graph.edge_index[1], stable=True)  # the mask wants receivers sorted

@@ -34,8 +34,8 @@ DEFAULT_CONFIG_DIR = "configs/s2ef/200k"
 # Column order of the table and figure: LEIGNN and its ablations first (ratios are to LEIGNN),
 # then the baselines in the line-up's order.
 DEFAULT_MODELS: tuple[str, ...] = (
-    *(e.key for e in reversed(lineup.ENTRIES) if e.is_leignn),
-    *(e.key for e in lineup.ENTRIES if not e.is_leignn),
+    *(e.key for e in reversed(lineup.ENTRIES) if e.is_leignn and e.benchmarked),
+    *(e.key for e in lineup.ENTRIES if not e.is_leignn and e.benchmarked),
 )
 
 # --------------------------------------------------------------------------- recipes

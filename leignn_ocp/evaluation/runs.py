@@ -192,6 +192,8 @@ def run_lineup(config_dir: Path, out: Path, *, epochs: int | None = None, data_r
                            runs / f"{run_id}_fit_scales.log")
             if fit_scales and scale_json.is_file():
                 train.append(f"--model.scale_file={scale_json}")
+            elif not fit_scales:  # --no-fit-scales: fairchem's warning, not leignn_ocp.trainer's refusal
+                train.append("--optim.allow_unfitted_scale_factors=True")
             fit_s = time.time() - t0
             t0 = time.time()
             run_logged(train, runs / f"{run_id}.log")
