@@ -175,7 +175,7 @@ def run_lineup(config_dir: Path, out: Path, *, epochs: int | None = None, data_r
                 continue
             run_id = f"{key}_s{seed}"
             args = functools.partial(train_args, run_dir=runs, seed=seed, epochs=epochs,
-                                     data=data if data != data_root else None, cpu=cpu, extra=extra_args)
+                                     data=data, cpu=cpu, extra=extra_args)  # --data-root always wins over the config's sources
             ckpt_dir = runs / "checkpoints" / run_id
             if ckpt_dir.exists():
                 shutil.rmtree(ckpt_dir)
