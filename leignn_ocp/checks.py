@@ -39,3 +39,21 @@ def check_input(data, num_elements: int, use_pbc: bool) -> None:
                     f"LEIGNN: use_pbc=True but structures {bad} in the batch have a zero-volume "
                     "cell (periodic structure without a cell)"
                 )
+
+
+def check_baseline_input(data, use_pbc: bool, model: str) -> None:
+    """The checks the baselines of ``leignn_ocp.baselines`` share: atoms present, finite positions,
+    and a cell of non-zero volume on the periodic path. Element tables are each model's own."""
+    if data.atomic_numbers.numel() == 0:
+        raise ValueError(f"{model}: empty structure (no atoms)")
+    if not torch.isfinite(data.pos).all():
+        raise ValueError(f"{model}: non-finite atom positions")
+    if use_pbc:
+        cell = getattr(data, "cell", None)
+        if cell is None:
+            raise ValueError(f"{model}: use_pbc=True but the structure has no cell")
+        vol = torch.linalg.det(cell.view(-1, 3, 3).detach().double()).abs()
+        if not (vol > 1e-6).all():  # also NaN
+            bad = (~(vol > 1e-6)).nonzero().flatten().tolist()
+            raise ValueError(f"{model}: use_pbc=True but structures {bad} of the batch have a "
+                             "zero-volume cell (a molecule needs use_pbc=False)")

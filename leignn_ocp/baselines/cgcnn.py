@@ -40,6 +40,8 @@ from fairchem.core.models.gemnet.layers.radial_basis import PolynomialEnvelope
 from torch import nn
 from torch_geometric.nn.models.schnet import GaussianSmearing
 
+from leignn_ocp.checks import check_baseline_input
+
 # Old fairchem/OCP CGCNN argument names -> this class's (a clear error instead of a silent default).
 _RENAMED = {
     "atom_embedding_size": "hidden_channels",
@@ -178,24 +180,12 @@ class CGCNN(nn.Module, GraphModelMixin):
         return src[keep], dst[keep], dist[keep]
 
     def _check_input(self, data) -> None:
+        check_baseline_input(data, self.use_pbc, "CGCNN")
         z = data.atomic_numbers
-        if z.numel() == 0:
-            raise ValueError("CGCNN: empty structure (no atoms)")
         bad = z[(z.long().to(z.dtype) != z) | (z < 1) | (z > MAX_Z)]
         if bad.numel():
             raise ValueError(f"CGCNN: atomic numbers {sorted(set(bad.tolist()))} outside the k-hot "
                              f"element table (1..{MAX_Z})")
-        if not torch.isfinite(data.pos).all():
-            raise ValueError("CGCNN: non-finite atom positions")
-        if self.use_pbc:
-            cell = getattr(data, "cell", None)
-            if cell is None:
-                raise ValueError("CGCNN: use_pbc=True but the structure has no cell")
-            vol = torch.linalg.det(cell.view(-1, 3, 3).detach().double()).abs()
-            if not (vol > 1e-6).all():  # also NaN
-                bad = (~(vol > 1e-6)).nonzero().flatten().tolist()
-                raise ValueError(f"CGCNN: use_pbc=True but structures {bad} of the batch have a "
-                                 "zero-volume cell (a molecule needs use_pbc=False)")
 
     @conditional_grad(torch.enable_grad())
     def forward(self, data) -> dict[str, torch.Tensor]:

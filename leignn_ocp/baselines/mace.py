@@ -46,6 +46,8 @@ from fairchem.core.models.base import GraphModelMixin
 from mace import modules as mace_modules
 from torch import nn
 
+from leignn_ocp.checks import check_baseline_input
+
 # Names a MACE user may reach for -> this class's (a clear error instead of a silent default).
 _RENAMED = {
     "r_max": "cutoff",
@@ -257,25 +259,13 @@ class MACE(nn.Module, GraphModelMixin):
         }
 
     def _check_input(self, data) -> None:
+        check_baseline_input(data, self.use_pbc, "MACE")
         z = data.atomic_numbers
-        if z.numel() == 0:
-            raise ValueError("MACE: empty structure (no atoms)")
         outside = (z.long().to(z.dtype) != z) | (z < 1) | (z > MAX_Z)
         bad = z[outside | (self.z_index[z.long().clamp(0, MAX_Z)] < 0)]
         if bad.numel():
             raise ValueError(f"MACE: atomic numbers {sorted(set(bad.tolist()))} are not in the element table "
                              f"({_describe_table(self.atomic_numbers)}; num_elements / atomic_numbers)")
-        if not torch.isfinite(data.pos).all():
-            raise ValueError("MACE: non-finite atom positions")
-        if self.use_pbc:
-            cell = getattr(data, "cell", None)
-            if cell is None:
-                raise ValueError("MACE: use_pbc=True but the structure has no cell")
-            vol = torch.linalg.det(cell.view(-1, 3, 3).detach().double()).abs()
-            if not (vol > 1e-6).all():  # also NaN
-                bad = (~(vol > 1e-6)).nonzero().flatten().tolist()
-                raise ValueError(f"MACE: use_pbc=True but structures {bad} of the batch have a "
-                                 "zero-volume cell (a molecule needs use_pbc=False)")
 
     @conditional_grad(torch.enable_grad())
     def forward(self, data) -> dict[str, torch.Tensor]:

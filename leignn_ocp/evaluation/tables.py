@@ -69,9 +69,11 @@ def read_csv(path: Path) -> dict:
     return results
 
 
-def bar_chart(results: dict, path: Path, title: str = "") -> None:
+def bar_chart(results: dict, path: Path, title: str = "", std: dict | None = None,
+              labels: dict | None = None) -> None:
     """Grouped bars: energy MAE and force MAE per split, one bar per model (log axis when the
-    values span more than 30x, as an untrained or diverged model would otherwise flatten the rest)."""
+    values span more than 30x, as an untrained or diverged model would otherwise flatten the rest).
+    ``std`` (results-shaped) adds ± 1 std error bars; ``labels`` renames legend entries."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,16 +88,18 @@ def bar_chart(results: dict, path: Path, title: str = "") -> None:
         allv = []
         for i, m in enumerate(models):
             vals = [results[m].get(t, {}).get(key, np.nan) for t in SPLIT_TITLES]
+            err = None if std is None else [std[m].get(t, {}).get(key, np.nan) for t in SPLIT_TITLES]
             allv += [v for v in vals if np.isfinite(v) and v > 0]
-            ax.bar(x + (i - (len(models) - 1) / 2) * width, vals, width, label=m, color=f"C{i % 10}")
+            ax.bar(x + (i - (len(models) - 1) / 2) * width, vals, width, yerr=err, capsize=2 if err else 0,
+                   label=(labels or {}).get(m, m), color=f"C{i % 10}")
         if allv and max(allv) / min(allv) > 30:
             ax.set_yscale("log")
             ylabel += ", log scale"
         ax.set_xticks(x, SPLIT_TITLES)
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel(ylabel + (", mean ± std" if std is not None else ""))
         ax.grid(axis="y", alpha=0.3, which="both")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(models), 4), fontsize=8, frameon=False)
+    handles, legend = axes[0].get_legend_handles_labels()
+    fig.legend(handles, legend, loc="lower center", ncol=min(len(models), 4), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title)
     rows = (len(models) + 3) // 4
@@ -173,42 +177,6 @@ def seeded_markdown(agg: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def seeded_bar_chart(agg: dict, path: Path, title: str = "") -> None:
-    """Energy and force MAE per split, one bar per model at the seed mean, error bars ± 1 std."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = list(agg)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-    width = 0.8 / max(len(models), 1)
-    x = np.arange(len(SPLIT_TITLES))
-    for ax, key, ylabel in ((axes[0], "energy_mae_meV", "energy MAE (meV)"),
-                            (axes[1], "forces_mae_meV_per_A", "force MAE (meV/Å)")):
-        allv = []
-        for i, m in enumerate(models):
-            mean = [agg[m]["mean"][t][key] for t in SPLIT_TITLES]
-            std = [agg[m]["std"][t][key] for t in SPLIT_TITLES]
-            allv += [v for v in mean if v > 0]
-            ax.bar(x + (i - (len(models) - 1) / 2) * width, mean, width, yerr=std, capsize=2,
-                   label=f"{m} ({len(agg[m]['seeds'])} seeds)", color=f"C{i % 10}")
-        if allv and max(allv) / min(allv) > 30:
-            ax.set_yscale("log")
-            ylabel += ", log scale"
-        ax.set_xticks(x, SPLIT_TITLES)
-        ax.set_ylabel(ylabel + ", mean ± std")
-        ax.grid(axis="y", alpha=0.3, which="both")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(models), 4), fontsize=8, frameon=False)
-    if title:
-        fig.suptitle(title)
-    rows = (len(models) + 3) // 4
-    fig.tight_layout(rect=(0, 0.05 * rows + 0.02, 1, 1))
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-
-
 def learning_curves_png(agg: dict, path: Path, title: str = "") -> None:
     """Validation force MAE against training step, one line per model (seed mean, band = min..max)."""
     import matplotlib
@@ -255,6 +223,8 @@ def write_seeded_outputs(rows: list[dict], out: Path, title: str = "", note: str
                             *(f"{a[s][t][c]:.6g}" for c in COLUMNS for s in ("mean", "std")),
                             a["params"], a["steps"], f"{a['train_s']:.1f}", f"{a['train_s_std']:.1f}"])
     (out / "table1.json").write_text(json.dumps(agg, indent=1))
-    seeded_bar_chart(agg, out / "table1.png", title)
+    bar_chart({m: a["mean"] for m, a in agg.items()}, out / "table1.png", title,
+              std={m: a["std"] for m, a in agg.items()},
+              labels={m: f"{m} ({len(a['seeds'])} seeds)" for m, a in agg.items()})
     learning_curves_png(agg, out / "learning_curves.png", title)
     return md
