@@ -10,6 +10,7 @@ How the sums run (fused CPU kernels, per-graph terms) lives in ``leignn_ocp/ops.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -23,7 +24,7 @@ from fairchem.core.models.gemnet.layers.embedding_block import AtomEmbedding
 from fairchem.core.models.gemnet.layers.radial_basis import RadialBasis
 
 from leignn_ocp import ops
-from leignn_ocp.checks import check_input
+from leignn_ocp.checks import MAX_IMAGES, MIN_DISTANCE, check_input, periodic_axes, wrap_positions
 
 UPDATES = ("nmu", "painn")
 
@@ -199,6 +200,8 @@ class LEIGNN(nn.Module, GraphModelMixin):
     False makes energy and forces continuous as a neighbour crosses r_c (``Message``).
     ``chunked_messages``: on CPU with direct forces (no gradient on positions) the message step
     runs as ``ops.message``'s fused, chunked kernel; False (or GPU): plain tensor ops, same numbers.
+    ``min_distance`` (Å) and ``max_images``: input checks (``leignn_ocp.checks``): atoms closer
+    than min_distance (0: unchecked) and cells that need more periodic images are refused.
     """
 
     def __init__(
@@ -208,7 +211,7 @@ class LEIGNN(nn.Module, GraphModelMixin):
         regress_forces: bool = True, use_pbc: bool = True, use_pbc_single: bool = False,
         otf_graph: bool = True, enforce_max_neighbors_strictly: bool = True, num_elements: int = 118,
         norm_eps: float = 1e-8, zero_init_energy: bool = True, chunked_messages: bool = True,
-        filter_bias: bool = True,
+        filter_bias: bool = True, min_distance: float = MIN_DISTANCE, max_images: int = MAX_IMAGES,
     ) -> None:
         super().__init__()
         if update not in UPDATES:
@@ -232,6 +235,8 @@ class LEIGNN(nn.Module, GraphModelMixin):
         self.zero_init_energy = zero_init_energy
         self.chunked_messages = chunked_messages
         self.filter_bias = filter_bias
+        self.min_distance = min_distance
+        self.max_images = max_images
 
         F = hidden_channels
         self.atom_emb = AtomEmbedding(F, num_elements)
@@ -283,12 +288,26 @@ class LEIGNN(nn.Module, GraphModelMixin):
         )
         return src[keep], dst[keep], dist[keep], vec[keep]
 
+    def _wrapped(self, data):
+        """``data`` with positions inside the cell for the on-the-fly periodic graph (a shallow
+        copy: the caller's batch is left as it was); edges read from an LMDB keep their offsets."""
+        if not (self.use_pbc and self.otf_graph):
+            return data
+        axes = periodic_axes(data)
+        if not any(axes):
+            return data
+        out = copy.copy(data)
+        out.pos = wrap_positions(data.pos, data.cell.view(-1, 3, 3).to(data.pos.dtype), data.batch, axes)
+        return out
+
     @conditional_grad(torch.enable_grad())
     def forward(self, data) -> dict[str, torch.Tensor]:
-        check_input(data, self.num_elements, self.use_pbc)
+        check_input(data, model="LEIGNN", use_pbc=self.use_pbc, cutoff=self.cutoff, num_elements=self.num_elements,
+                    min_distance=self.min_distance, max_images=self.max_images)
         pos = data.pos
         if self.regress_forces and not self.direct_forces:
             pos.requires_grad_(True)
+        data = self._wrapped(data)
         batch = data.batch
         B = data.natoms.numel()
         z = data.atomic_numbers.long()

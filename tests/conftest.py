@@ -20,3 +20,12 @@ def cli_env() -> dict:
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fuzz suite's closing report: every input class tried, its cases and its failures."""
+    report = getattr(terminalreporter.config, "leignn_fuzz_report", None)  # set by test_fuzz_suite
+    if report:
+        terminalreporter.section("fuzz report")
+        for line in report:
+            terminalreporter.write_line(line)

@@ -40,7 +40,7 @@ from fairchem.core.models.gemnet.layers.radial_basis import PolynomialEnvelope
 from torch import nn
 from torch_geometric.nn.models.schnet import GaussianSmearing
 
-from leignn_ocp.checks import check_baseline_input
+from leignn_ocp.checks import check_input
 
 # Old fairchem/OCP CGCNN argument names -> this class's (a clear error instead of a silent default).
 _RENAMED = {
@@ -180,7 +180,7 @@ class CGCNN(nn.Module, GraphModelMixin):
         return src[keep], dst[keep], dist[keep]
 
     def _check_input(self, data) -> None:
-        check_baseline_input(data, self.use_pbc, "CGCNN")
+        check_input(data, model="CGCNN", use_pbc=self.use_pbc, cutoff=self.cutoff)
         z = data.atomic_numbers
         bad = z[(z.long().to(z.dtype) != z) | (z < 1) | (z > MAX_Z)]
         if bad.numel():

@@ -46,7 +46,7 @@ from fairchem.core.models.base import GraphModelMixin
 from mace import modules as mace_modules
 from torch import nn
 
-from leignn_ocp.checks import check_baseline_input
+from leignn_ocp.checks import check_input
 
 # Names a MACE user may reach for -> this class's (a clear error instead of a silent default).
 _RENAMED = {
@@ -259,7 +259,7 @@ class MACE(nn.Module, GraphModelMixin):
         }
 
     def _check_input(self, data) -> None:
-        check_baseline_input(data, self.use_pbc, "MACE")
+        check_input(data, model="MACE", use_pbc=self.use_pbc, cutoff=self.cutoff)
         z = data.atomic_numbers
         outside = (z.long().to(z.dtype) != z) | (z < 1) | (z > MAX_Z)
         bad = z[outside | (self.z_index[z.long().clamp(0, MAX_Z)] < 0)]

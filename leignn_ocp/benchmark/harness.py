@@ -29,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from leignn_ocp import lineup
 from leignn_ocp.benchmark.structures import make_batch, oc20_like_structures
+from leignn_ocp.checks import check_input
 
 DEFAULT_CONFIG_DIR = "configs/s2ef/200k"
 # Column order of the table and figure: LEIGNN and its ablations first (ratios are to LEIGNN),
@@ -576,6 +577,19 @@ def run_benchmark(settings: Settings, log: Callable[[str], None] = print, comman
         else:
             log(f"warm-up {rep + 1}/{s.warmup} done")
 
+    # the input checks every LEIGNN forward runs (leignn_ocp.checks), alone: all of them, and
+    # without the close-pair search (min_distance=0)
+    m = leignn.model
+    t_checks = {md: [timed(lambda: check_input(batch, model="LEIGNN", use_pbc=m.use_pbc, cutoff=m.cutoff,
+                                                 num_elements=m.num_elements, min_distance=md,
+                                                 max_images=m.max_images), device)[0]
+                         for _ in range(max(s.repeats, 3))]
+                for md in (m.min_distance, 0.0)}
+    checks_ms, flags_ms = 1e3 * median(t_checks[m.min_distance]), 1e3 * median(t_checks[0.0])
+    notes.append(f"LEIGNN's input checks (leignn_ocp.checks) on this batch: {checks_ms:.2f} ms, of which the "
+                 f"close-pair search at min_distance={m.min_distance} Å {checks_ms - flags_ms:.2f} ms; "
+                 f"{100 * checks_ms / (1e3 * median([t[0] for t in t_infer['leignn']])):.1f} % of its inference.")
+
     if device.type == "cuda":
         mem_method = ("torch.cuda.max_memory_allocated during one call minus the allocated memory "
                       "before it (tensors only; the caching allocator's reserve is not counted).")
@@ -629,7 +643,7 @@ def run_benchmark(settings: Settings, log: Callable[[str], None] = print, comman
         "matmul_gflops_cpu_time": mm_cpu / 1e9, "leignn_train_gflops_cpu_time": leignn_rate_cpu / 1e9,
         "leignn_matmul_fraction_cpu_time": leignn_rate_cpu / mm_cpu,
         "memory_method": mem_method, "notes": notes, "malloc_tuned": malloc_tuned,
-        "optimizer": leignn.optimizer_name,
+        "optimizer": leignn.optimizer_name, "input_checks_ms": checks_ms, "input_checks_without_close_pairs_ms": flags_ms,
         "time_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
     }
     raw = {"train_wall_cpu_s": t_train, "infer_wall_cpu_s": t_infer, "matmul_wall_cpu_s": t_mm}
