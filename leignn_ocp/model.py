@@ -27,6 +27,7 @@ from leignn_ocp import ops
 from leignn_ocp.checks import MAX_IMAGES, MIN_DISTANCE, check_input, periodic_axes, wrap_positions
 
 UPDATES = ("nmu", "painn")
+GLOBAL_SCOPES = ("structure", "fragment")
 
 
 def _mlp(n_in: int, n_hidden: int, n_out: int, act_out: bool = False) -> nn.Sequential:
@@ -200,6 +201,10 @@ class LEIGNN(nn.Module, GraphModelMixin):
     False makes energy and forces continuous as a neighbour crosses r_c (``Message``).
     ``chunked_messages``: on CPU with direct forces (no gradient on positions) the message step
     runs as ``ops.message``'s fused, chunked kernel; False (or GPU): plain tensor ops, same numbers.
+    ``global_scope``: the global scalar and vector g, u belong to each structure (paper), or to
+    each "fragment", a connected component of the cutoff graph: then two molecules out of each
+    other's cutoff in one box do not see each other (energies and forces are those of each alone);
+    the price is a jump where two fragments come within r_c and merge.
     ``min_distance`` (Å) and ``max_images``: input checks (``leignn_ocp.checks``): atoms closer
     than min_distance (0: unchecked) and cells that need more periodic images are refused.
     """
@@ -212,10 +217,13 @@ class LEIGNN(nn.Module, GraphModelMixin):
         otf_graph: bool = True, enforce_max_neighbors_strictly: bool = True, num_elements: int = 118,
         norm_eps: float = 1e-8, zero_init_energy: bool = True, chunked_messages: bool = True,
         filter_bias: bool = True, min_distance: float = MIN_DISTANCE, max_images: int = MAX_IMAGES,
+        global_scope: str = "structure",
     ) -> None:
         super().__init__()
         if update not in UPDATES:
             raise ValueError(f"LEIGNN: update must be one of {UPDATES}, got {update!r}")
+        if global_scope not in GLOBAL_SCOPES:
+            raise ValueError(f"LEIGNN: global_scope must be one of {GLOBAL_SCOPES}, got {global_scope!r}")
         if hidden_channels < 2 or hidden_channels % 2:
             raise ValueError(f"LEIGNN: hidden_channels must be an even number >= 2, got {hidden_channels}")
         self.hidden_channels = hidden_channels
@@ -237,6 +245,7 @@ class LEIGNN(nn.Module, GraphModelMixin):
         self.filter_bias = filter_bias
         self.min_distance = min_distance
         self.max_images = max_images
+        self.global_scope = global_scope
 
         F = hidden_channels
         self.atom_emb = AtomEmbedding(F, num_elements)
@@ -318,16 +327,21 @@ class LEIGNN(nn.Module, GraphModelMixin):
         chunked = self.chunked_messages and pos.device.type == "cpu" and not pos.requires_grad
         edges = ops.edges(src, dst, e, self.radial_basis(dist), dist, chunked)  # rbf: [E, num_rbf]
         graphs = ops.Reducer(batch, B, data.natoms)  # atoms -> graphs
+        owner, groups = batch, graphs  # who owns the globals: structures, or (fragment) components
+        if self.global_emb is not None and self.global_scope == "fragment":
+            owner, C = ops.connected_components(src, dst, z.numel())  # [N] in 0..C-1
+            groups = ops.Reducer(owner, C)
+        G = groups.size  # B, or C fragments
 
         s = self.atom_emb(z)  # [N, F]
         v = None  # v = 0 [N, 3, F]: None lets the first layer skip the products with it
         if self.global_emb is not None:
-            g = self.global_emb.to(s.dtype).expand(B, -1)  # [B, F]
-            u = s.new_zeros(B, 3, s.shape[-1])  # [B, 3, F]
+            g = self.global_emb.to(s.dtype).expand(G, -1)  # [G, F]
+            u = s.new_zeros(G, 3, s.shape[-1])  # [G, 3, F]
         else:
             g = u = None
         for layer in self.layers:
-            s, v, g, u = layer(s, v, g, u, batch, edges, graphs)
+            s, v, g, u = layer(s, v, g, u, owner, edges, groups)
 
         # Readout heads in the features' own precision even under autocast (mixed precision):
         # the energy is a sum of many per-atom terms and the forces are the targets.
@@ -350,5 +364,5 @@ class LEIGNN(nn.Module, GraphModelMixin):
             f"LEIGNN(hidden_channels={self.hidden_channels}, num_layers={self.num_layers}, "
             f"num_rbf={self.num_rbf}, cutoff={self.cutoff}, max_neighbors={self.max_neighbors}, "
             f"update={self.update!r}, global_messages={self.global_messages}, "
-            f"direct_forces={self.direct_forces})"
+            f"direct_forces={self.direct_forces}, global_scope={self.global_scope!r})"
         )

@@ -43,6 +43,26 @@ class Reducer:
         return total / self._counts.to(total.dtype).view(-1, *([1] * (x.dim() - 1)))
 
 
+def connected_components(src: torch.Tensor, dst: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
+    """The fragment of each of ``n`` atoms in the graph of edges (src, dst), read as undirected:
+    labels [N] in 0..C-1, numbered by each fragment's first atom, and C.
+
+    Min-label propagation with pointer jumping (every label is an atom of the same fragment, so
+    label[label] is one too): a few rounds for molecules, on the device, one host check a round.
+    Edges never join two structures, so a fragment lies in one structure, whatever the batch.
+    """
+    label = torch.arange(n, device=src.device)
+    while True:
+        new = label.scatter_reduce(0, dst, label[src], reduce="amin")
+        new = new.scatter_reduce(0, src, new[dst], reduce="amin")
+        new = new[new]
+        if torch.equal(new, label):
+            break
+        label = new
+    first, frag = torch.unique(label, return_inverse=True)  # labels are first atoms: sorted
+    return frag, first.numel()
+
+
 def times_zero(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` times zero, as a scalar: what a product ``weight @ 0`` adds (0; NaN if the
     weight is not finite) and its gradient (zero), without computing the product. Keeps a

@@ -29,7 +29,7 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("efficiency")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     proc = subprocess.run(
-        [sys.executable, "-m", "leignn_ocp.benchmark", "--tiny", "--out", str(out)],
+        [sys.executable, "-m", "leignn_ocp.benchmark", "--tiny", "--fragment", "--out", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -43,7 +43,8 @@ def _finite(x: str) -> bool:
 def test_tiny_benchmark_csv_has_every_model_with_finite_numbers(tiny_run):
     with open(tiny_run / "benchmark.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["model"] for r in rows] == list(DEFAULT_MODELS)
+    assert [r["model"] for r in rows] == [*DEFAULT_MODELS, "leignn_fragment"]  # --fragment adds a row
+    rows = rows[:-1]
     # every line-up entry is benchmarked, but the zero-init row (LEIGNN's cost exactly)
     assert sorted(r["model"] for r in rows) == sorted(e.key for e in lineup.ENTRIES if e.benchmarked)
     assert [e.key for e in lineup.ENTRIES if not e.benchmarked] == ["leignn_zero_init"]
@@ -68,6 +69,10 @@ def test_tiny_benchmark_markdown_json_and_figure(tiny_run):
     meta = json.loads((tiny_run / "benchmark.json").read_text())["meta"]
     assert meta["tiny"] is True and meta["matmul_gflops"] > 0
     assert 0 < meta["leignn_matmul_fraction"] and math.isfinite(meta["leignn_matmul_fraction"])
+    assert 0 < meta["input_checks_without_close_pairs_ms"] < meta["input_checks_ms"]
+    notes = "\n".join(meta["notes"])
+    assert "LEIGNN's input checks (leignn_ocp.checks) on this batch" in notes
+    assert "global_scope: fragment: 1 fragments in 1 structures; max |ΔF| vs the structure scope 0." in notes
     png = (tiny_run / "benchmark.png").read_bytes()
     assert len(png) > 1000 and png[:8] == b"\x89PNG\r\n\x1a\n"
 

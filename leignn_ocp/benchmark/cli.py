@@ -59,6 +59,8 @@ def parser() -> argparse.ArgumentParser:
                    help="CPU: keep glibc's default allocator settings (see harness.tune_malloc)")
     p.add_argument("--matmul-n", type=int, default=None, help="size of the reference matmul (default 2048; 8192 on CUDA)")
     p.add_argument("--compile", action="store_true", help="also time LEIGNN inference under torch.compile")
+    p.add_argument("--fragment", action="store_true",
+                   help="also time LEIGNN with global_scope: fragment (globals per connected component)")
     p.add_argument("--amp", action="store_true",
                    help="also run LEIGNN under autocast (train + infer) and report its error vs float32")
     p.add_argument("--amp-dtype", default="bfloat16", choices=["bfloat16", "float16"],
@@ -80,7 +82,7 @@ def settings_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> 
                 f"the repository root or pass the configs folder, e.g. --config-dir <repo>/{DEFAULT_CONFIG_DIR}")
     return Settings(device=args.device, models=tuple(models), config_dir=args.config_dir,
                     batch_size=args.batch_size, repeats=args.repeats, warmup=args.warmup,
-                    matmul_n=args.matmul_n, compile=args.compile, amp=args.amp, amp_dtype=args.amp_dtype,
+                    matmul_n=args.matmul_n, compile=args.compile, fragment=args.fragment, amp=args.amp, amp_dtype=args.amp_dtype,
                     memory=not args.no_memory, seed=args.seed, tiny=args.tiny)
 
 

@@ -27,7 +27,7 @@ from types import SimpleNamespace
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from leignn_ocp import lineup
+from leignn_ocp import lineup, ops
 from leignn_ocp.benchmark.structures import make_batch, oc20_like_structures
 from leignn_ocp.checks import check_input
 
@@ -455,6 +455,7 @@ class Settings:
     warmup: int | None = None
     matmul_n: int | None = None
     compile: bool = False
+    fragment: bool = False
     amp: bool = False
     amp_dtype: str = "bfloat16"
     memory: bool = True
@@ -539,6 +540,20 @@ def run_benchmark(settings: Settings, log: Callable[[str], None] = print, comman
         extra["leignn_compiled"] = r
         rows["leignn_compiled"] = {**rows["leignn"], "model": "leignn_compiled",
                                    "label": f"{leignn.recipe.label} (torch.compile, infer)"}
+
+    if s.fragment:  # the same weights with the globals per connected component
+        model = copy.deepcopy(leignn.model)
+        model.global_scope = "fragment"
+        r = Runner(leignn.recipe, model, batch, device)
+        ref, out = leignn.infer(), r.infer()
+        err = (out["forces"] - ref["forces"]).abs().max().item()
+        src, dst = model.generate_graph(batch.clone()).edge_index
+        n_frag = ops.connected_components(src, dst, n_atoms)[1]
+        notes.append(f"global_scope: fragment: {n_frag} fragments in {len(atoms)} structures; max |ΔF| vs the "
+                     f"structure scope {err:.2g}.")
+        extra["leignn_fragment"] = r
+        rows["leignn_fragment"] = {**rows["leignn"], "model": "leignn_fragment",
+                                   "label": f"{leignn.recipe.label} (global_scope: fragment)"}
 
     for key, r in runners.items():
         rows[key]["gflop_fwd"] = r.flops_forward() / 1e9
