@@ -22,38 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------- fixtures
 def _checkpoint(path: Path, model_kwargs: dict, energy=(-5.0, 2.0), forces_rmsd=0.5, seed=0) -> Path:
-    """A checkpoint in the layout fairchem's trainer saves (config + state_dict +
-    normalizers), for a tiny randomly initialised model with non-trivial normalizers."""
-    from leignn_ocp import LEIGNN
+    from leignn_ocp.testing import untrained_checkpoint
 
-    torch.manual_seed(seed)
-    model = LEIGNN(**model_kwargs)
-    config = {
-        "trainer": "ocp",
-        "model": {"name": "leignn_ocp.LEIGNN", **model_kwargs},
-        "outputs": {"energy": {"shape": 1, "level": "system"},
-                    "forces": {"irrep_dim": 1, "level": "atom", "train_on_free_atoms": True,
-                               "eval_on_free_atoms": True}},
-        "loss_functions": [{"energy": {"fn": "mae", "coefficient": 1}},
-                           {"forces": {"fn": "mae", "coefficient": 50}}],
-        "evaluation_metrics": {"metrics": {"energy": ["mae"], "forces": ["mae"]}, "primary_metric": "forces_mae"},
-        "optim": {"batch_size": 1, "eval_batch_size": 1, "max_epochs": 1},
-        "dataset": {"format": "lmdb", "src": str(path.parent)},
-        "task": {},
-        "logger": "tensorboard",
-        "amp": False,
-        "cmd": {"seed": seed, "identifier": "test", "print_every": 10},
-        "slurm": {},
-    }
-    ckpt = {
-        "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
-        "normalizers": {"energy": {"mean": torch.tensor(energy[0]), "rmsd": torch.tensor(energy[1])},
-                        "forces": {"mean": torch.tensor(0.0), "rmsd": torch.tensor(forces_rmsd)}},
-        "config": config,
-        "amp": None,
-    }
-    torch.save(ckpt, path)
-    return path
+    return untrained_checkpoint(path, model_kwargs, energy, forces_rmsd, seed)
 
 
 # random energy readouts (zero_init_energy=False), so that energies are not trivially 0
