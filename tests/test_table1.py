@@ -355,3 +355,24 @@ def test_seeded_lineup_end_to_end(tmp_path, monkeypatch):
     made = {p: p.stat().st_mtime_ns for p in (out / "rows").glob("*.json")}
     assert cli.main(argv) == 0  # resumes: nothing left to train
     assert {p: p.stat().st_mtime_ns for p in (out / "rows").glob("*.json")} == made
+
+
+def test_equal_wall_time_reads_the_learning_curves():
+    """A model 2x slower than LEIGNN is read at half LEIGNN's steps (log-linear between
+    validations), a faster one past its last validation is only bounded, and so is one that is
+    so slow it never reached its first validation."""
+    from leignn_ocp.evaluation.tables import equal_time_markdown
+
+    def entry(values):  # two seeds, validations at steps 40, 80, 120, 160 (force MAE in eV/Å)
+        curve = [(40 * (i + 1), v) for i, v in enumerate(values)]
+        return {"steps": 160, "curves": [curve, curve]}
+
+    agg = {"LEIGNN": entry([0.4, 0.3, 0.25, 0.2]), "Slow": entry([0.8, 0.4, 0.2, 0.1]),
+           "Fast": entry([0.5, 0.45, 0.4, 0.35]), "Slowest": entry([0.9, 0.8, 0.7, 0.6]), "Unmeasured": entry([1, 1])}
+    md = equal_time_markdown(agg, {"LEIGNN": 100.0, "Slow": 200.0, "Fast": 50.0, "Slowest": 1000.0})
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in md.splitlines()[2:]}
+    assert rows["LEIGNN"][1:3] == ["160", "200"]
+    assert rows["Slow"][1:3] == ["80", "400"]  # 160 steps x 100 / 200 ms; the curve at step 80
+    assert rows["Fast"][1:3] == ["320", "<= 350"]
+    assert rows["Slowest"][1:3] == ["16", ">= 900"]
+    assert rows["Unmeasured"] == ["-", "-", "-", "- |"]

@@ -115,6 +115,9 @@ def _parser() -> argparse.ArgumentParser:
                         "<data-root>/train (meant for the embedded data; with OC20 configs leave it out)")
     p.add_argument("--eval-size", type=int, default=None,
                    help="validate / test on seeded random subsets of this many structures per val split")
+    p.add_argument("--costs", default=None, metavar="BENCHMARK_CSV",
+                   help="benchmark.csv of leignn-benchmark on the same configs: adds the val force MAE "
+                        "each model reaches in LEIGNN's wall time (from the learning curves)")
     device(p)
     p.add_argument("fairchem_args", nargs="*", help="extra fairchem CLI overrides, after --")
 
@@ -148,6 +151,19 @@ def _fit_scales_main(argv: Sequence[str]) -> int:
     fa, rest = fp.parse_known_args(list(argv))
     fit_scales(rest, Path(fa.out), fa.num_batches)
     return 0
+
+
+def _equal_time(rows: list[dict], costs: Path) -> str:
+    """The equal-wall-time block of the line-up's table, from a benchmark CSV's train_ms column."""
+    import csv
+
+    from leignn_ocp.evaluation.tables import aggregate, equal_time_markdown
+
+    with open(costs) as f:
+        step_ms = {r["label"]: float(r["train_ms"]) for r in csv.DictReader(f)}
+    return ("\n## At equal wall time\n\nThe same runs read at the wall time LEIGNN took for its steps, "
+            f"with each model's training-step time from `{costs}` (leignn-benchmark, every model alone on "
+            "one machine, not the line-up's shared CPU):\n\n" + equal_time_markdown(aggregate(rows), step_ms))
 
 
 def _lineup_note(a, r: dict, argv: Sequence[str]) -> str:
@@ -216,6 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                        scale_batches=a.scale_batches or (4 if cpu else 16), which=a.which, overwrite=a.overwrite,
                        train=not a.report_only)
         md = write_seeded_outputs(r["rows"], out, "Table 1 on the embedded data", _lineup_note(a, r, argv))
+        if a.costs:
+            md += _equal_time(r["rows"], Path(a.costs))
+            (out / "table1.md").write_text(md)
         print(md, end="")
         print(f"wrote {out}/table1.{{md,csv,png,json}} and {out}/learning_curves.png")
     elif a.cmd == "predict":

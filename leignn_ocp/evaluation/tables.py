@@ -177,6 +177,45 @@ def seeded_markdown(agg: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def mean_curve(a: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, seed-mean val force MAE in meV/Å) over the validations every seed has."""
+    curves = [c for c in a["curves"] if c]
+    if not curves:
+        return np.array([]), np.array([])
+    n = min(len(c) for c in curves)
+    steps = np.array([s for s, _ in curves[0][:n]], dtype=float)
+    return steps, np.array([[v * 1000 for _, v in c[:n]] for c in curves]).mean(0)
+
+
+def equal_time_markdown(agg: dict, step_ms: dict[str, float], reference: str = "LEIGNN") -> str:
+    """Val force MAE of every model after the wall time ``reference`` took for its steps.
+
+    ``step_ms``: training-step time per model label (the efficiency benchmark, measured alone on
+    one machine, not the line-up's contended wall times). A model x times slower than the
+    reference gets steps / x steps, read off its learning curve (log-linear between validations);
+    one faster than the reference would need more steps than were trained: its value at the end
+    is an upper bound (<=), and before the first validation a lower bound (>=).
+    """
+    ref = agg[reference]
+    t_ref = ref["steps"] * step_ms[reference]
+    lines = [f"| model | step ms (benchmark) | steps in {reference}'s {ref['steps']} steps' time | "
+             "val_id force MAE then (meV/Å) | at the end of its own steps |", "|---|---|---|---|---|"]
+    for label, a in agg.items():
+        steps, vals = mean_curve(a)
+        if label not in step_ms or not len(steps):
+            lines.append(f"| {label} | - | - | - | - |")
+            continue
+        k = t_ref / step_ms[label]
+        if k >= steps[-1]:
+            at = f"<= {vals[-1]:.0f}" if k > steps[-1] * 1.01 else f"{vals[-1]:.0f}"
+        elif k < steps[0]:
+            at = f">= {vals[0]:.0f}"
+        else:
+            at = f"{np.exp(np.interp(k, steps, np.log(vals))):.0f}"
+        lines.append(f"| {label} | {step_ms[label]:.0f} | {k:.0f} | {at} | {vals[-1]:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def learning_curves_png(agg: dict, path: Path, title: str = "") -> None:
     """Validation force MAE against training step, one line per model (seed mean, band = min..max)."""
     import matplotlib
