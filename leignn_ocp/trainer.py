@@ -19,17 +19,31 @@ What it adds to ``OCPTrainer``, which it otherwise leaves alone:
   an error naming them and the command that fits them, where fairchem only warns and trains with
   each factor skipped. ``optim.allow_unfitted_scale_factors: true`` restores fairchem's warning.
   Fitting (``leignn-evaluate fit-scales``), validation and prediction never call ``train()``.
+* **Checkpoint checks** before fairchem loads anything (:func:`check_checkpoint`, also used by
+  ``leignn_ocp.evaluation.load_trainer`` and ``LEIGNNCalculator``): a file that is empty, truncated or
+  not a fairchem checkpoint, one of another model class (a PaiNN checkpoint for a LEIGNN config), or
+  one whose tensors, EMA or optimizer groups do not fit this run's model (other ``hidden_channels`` /
+  ``num_layers``) raises :class:`CheckpointError` naming the file, the first mismatching tensors and
+  the model settings that differ. fairchem 1.10 gives a torch size-mismatch RuntimeError per tensor,
+  or, for another number of tensors, "loaded state dict contains a parameter group that doesn't match
+  the size of optimizer's group", after the logger has opened a new events file; the check fails at
+  the same point (``TrainTask.setup``), so the run folder's checkpoints and logs stay byte-identical
+  (the one file such a failed start adds is that events file: a header, no scalars).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import os
 import shlex
 import sys
+import zipfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -45,6 +59,13 @@ PATIENCE_KEY = "early_stopping_patience"
 MIN_DELTA_KEY = "early_stopping_min_delta"
 ALLOW_UNFITTED_KEY = "allow_unfitted_scale_factors"
 FIT_DOC = "configs/s2ef/scales/README.md and docs/notes/training.md"
+REQUIRED_KEYS = ("state_dict", "normalizers")  # what fairchem 1.10's load_checkpoint reads unconditionally
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive format (torch >= 1.6)
+SHOW = 4  # names shown per list in an error
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used here: unreadable, not a fairchem checkpoint, or of another model."""
 
 
 class UnfittedScaleFactorsError(ValueError):
@@ -243,12 +264,15 @@ class Trainer(OCPTrainer):
 
     def load_checkpoint(self, checkpoint_path: str, checkpoint: dict | None = None,
                         inference_only: bool = False) -> None:
-        if checkpoint is None and os.path.isfile(checkpoint_path):  # else fairchem raises its FileNotFoundError
+        """fairchem's load, after :func:`check_checkpoint` has made sure the file is a readable
+        checkpoint of this model (one error naming the file and the problem, before anything is
+        loaded, so a failed resume leaves the run as it was)."""
+        if checkpoint is None:  # a missing file: FileNotFoundError, as fairchem raises it
             logging.info(f"Loading checkpoint from: {checkpoint_path}")
-            checkpoint = torch.load(checkpoint_path, map_location=torch.device("cpu") if self.cpu else self.device,
-                                    weights_only=False)  # as fairchem loads it (torch 2.4 default)
+            checkpoint = read_checkpoint(checkpoint_path, torch.device("cpu") if self.cpu else self.device)
+        check_checkpoint(self, checkpoint, checkpoint_path, inference_only=inference_only)
         super().load_checkpoint(checkpoint_path, checkpoint=checkpoint, inference_only=inference_only)
-        if not inference_only and checkpoint is not None:
+        if not inference_only:
             self._es_restored = checkpoint.get(CKPT_KEY)
 
     # ------------------------------------------------------------------ helpers
@@ -276,6 +300,192 @@ class Trainer(OCPTrainer):
     def _log(msg: str) -> None:
         if distutils.is_master():
             logging.info(msg)
+
+
+# ---------------------------------------------------------------------- checkpoint checks
+def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """``torch.load`` of a fairchem checkpoint with an error that names the file and the problem (empty,
+    truncated, not a checkpoint, keys missing) instead of torch's zip-reader or KeyError message."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(errno.ENOENT, "Checkpoint file not found", str(p))  # fairchem's error
+    size = p.stat().st_size
+    try:
+        ckpt = torch.load(p, map_location=map_location, weights_only=False)  # as fairchem loads it (torch 2.4 default)
+    except Exception as err:  # the zip reader's RuntimeError, UnpicklingError, EOFError, ...
+        raise CheckpointError(f"checkpoint {p} cannot be read: {_why_unreadable(p, size)} "
+                              f"(torch.load: {_first_line(err)})") from err
+    check_layout(ckpt, p)
+    return ckpt
+
+
+def _why_unreadable(p: Path, size: int) -> str:
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    with open(p, "rb") as f:
+        head = f.read(4)
+    if head == ZIP_MAGIC and not zipfile.is_zipfile(p):
+        return (f"it starts as a torch archive but its end (the zip directory) is missing, so the file "
+                f"({size} bytes) is truncated: an interrupted save or copy. Use another checkpoint "
+                f"(best_checkpoint.pt, an earlier copy) or copy it again")
+    return f"it is not a file torch.save wrote ({size} bytes) or it is corrupted"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def check_layout(ckpt, path) -> None:
+    """A fairchem checkpoint is a dict with a non-empty ``state_dict`` and ``normalizers``."""
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a fairchem checkpoint "
+                              f"(a dict with {', '.join(REQUIRED_KEYS)} and config)")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        hint = (" (normalizers.pt holds only the normalizers: give checkpoint.pt or best_checkpoint.pt)"
+                if Path(path).name == "normalizers.pt" else "")
+        raise CheckpointError(f"checkpoint {path} is not a fairchem checkpoint: it has no "
+                              f"{' or '.join(map(repr, missing))} (its keys: {_names(list(ckpt), 8)}){hint}")
+    sd = ckpt["state_dict"]
+    if not isinstance(sd, Mapping) or not sd:
+        raise CheckpointError(f"checkpoint {path} has an empty or unusable state_dict ({type(sd).__name__})")
+
+
+def model_config(config: dict) -> tuple[str | None, dict]:
+    """(model name, model settings) of a fairchem config: ``model: {name: ..., ...}``, or the
+    older ``model: <name>`` + ``model_attributes``."""
+    model = config.get("model")
+    if isinstance(model, str):
+        return model, dict(config.get("model_attributes") or {})
+    if isinstance(model, Mapping):
+        attrs = dict(model)
+        return attrs.pop("name", None), attrs
+    return None, {}
+
+
+def model_class(name: str | None):
+    """The class fairchem's registry builds for a model name (None if it cannot resolve it)."""
+    if not name:
+        return None
+    from fairchem.core.common.utils import setup_imports
+
+    setup_imports()  # fairchem's own names (painn, gemnet_t, ...) register on import; once per process
+    try:
+        return registry.get_model_class(name)
+    except Exception:  # noqa: BLE001  (an unknown name or a plugin that does not import here)
+        return None
+
+
+def _qualname(cls) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _names(keys: list[str], n: int = SHOW) -> str:
+    keys = [k.removeprefix("module.").removeprefix("module.") for k in keys]
+    more = f" and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def _settings_diff(saved: dict, here: dict) -> list[str]:
+    """``key: <checkpoint> in the checkpoint, <here> here`` for every model setting that differs."""
+    keys = sorted(set(saved) | set(here), key=str)
+    missing = "(unset)"
+    return [f"{k} = {saved.get(k, missing)!r} in the checkpoint, {here.get(k, missing)!r} here"
+            for k in keys if saved.get(k, missing) != here.get(k, missing)]
+
+
+def check_checkpoint(trainer, ckpt: dict, path, inference_only: bool = False) -> None:
+    """Raise :class:`CheckpointError` unless ``ckpt`` loads into ``trainer``'s model as it is.
+
+    fairchem 1.10 loads the optimizer state first (a model with another number of tensors: "loaded state
+    dict contains a parameter group that doesn't match the size of optimizer's group"), the EMA without
+    looking at shapes, then the weights (other shapes: a RuntimeError with one line per tensor, raised even
+    with ``task.strict_load: false``). Checked here before any of it: the model class the checkpoint was
+    trained as (its ``config``), every tensor's name and shape, the EMA and the optimizer's groups. With
+    ``task.strict_load: false`` missing or extra tensors are only a warning (fairchem then loads the rest).
+    """
+    check_layout(ckpt, path)
+    model = trainer._unwrapped_model
+    here_name, here_attrs = model_config(trainer.config)
+    saved_cfg = ckpt.get("config") if isinstance(ckpt.get("config"), Mapping) else {}
+    saved_name, saved_attrs = model_config(saved_cfg)
+    resume = "" if inference_only else _resume_hint(trainer, path)
+    if saved_name is not None:
+        cls = model_class(saved_name)
+        if (type(model) is not cls) if cls is not None else saved_name != here_name:
+            trained_as = f"{saved_name} ({_qualname(cls)})" if cls is not None else f"{saved_name!r} (not a model here)"
+            raise CheckpointError(
+                f"checkpoint {path} holds a {trained_as} model, but this run's model is {here_name} "
+                f"({_qualname(type(model))}): a checkpoint loads only into the model class it was trained as. "
+                f"Use the config it was trained with (a copy is in the checkpoint, under 'config').{resume}")
+
+    mine = trainer.model.state_dict()
+    from fairchem.core.common.utils import match_state_dict
+
+    theirs = match_state_dict(mine, ckpt["state_dict"])  # the "module." prefixes of a (D)DP wrapper
+    shapes = [k for k, v in mine.items()
+              if k in theirs and tuple(getattr(theirs[k], "shape", ())) != tuple(v.shape)]
+    missing = [k for k in mine if k not in theirs]
+    unexpected = [k for k in theirs if k not in mine]
+    strict = (trainer.config.get("task") or {}).get("strict_load", True)
+    problems = []
+    if shapes:
+        k = shapes[0]
+        problems.append(f"{len(shapes)} of its {len(theirs)} tensors have another shape in this model "
+                        f"({k.removeprefix('module.').removeprefix('module.')}: {list(theirs[k].shape)} in the "
+                        f"checkpoint, {list(mine[k].shape)} here; also {_names(shapes[1:])})"
+                        if len(shapes) > 1 else
+                        f"1 of its {len(theirs)} tensors has another shape in this model ({_names(shapes)}: "
+                        f"{list(theirs[k].shape)} in the checkpoint, {list(mine[k].shape)} here)")
+    if missing and (strict or shapes):
+        problems.append(f"{len(missing)} of this model's tensors are not in it ({_names(missing)})")
+    if unexpected and (strict or shapes):
+        problems.append(f"{len(unexpected)} of its tensors are not in this model ({_names(unexpected)})")
+    if not problems and not inference_only and isinstance(ckpt.get("optimizer"), Mapping) \
+            and getattr(trainer, "optimizer", None) is not None:
+        saved_groups = [len(g.get("params", ())) for g in ckpt["optimizer"].get("param_groups", ())]
+        groups = [len(g["params"]) for g in trainer.optimizer.param_groups]
+        if saved_groups != groups:
+            problems.append(f"its optimizer state is for parameter groups of {saved_groups} tensors, this "
+                            f"run's optimizer has groups of {groups} (resume needs the same parameters)")
+    ema = ckpt.get("ema")
+    if not problems and isinstance(ema, Mapping) and getattr(trainer, "ema", None) is not None:
+        saved_shadow = [tuple(t.shape) for t in ema.get("shadow_params", [])]
+        params = [tuple(p.shape) for p in model.parameters() if p.requires_grad]
+        if saved_shadow != params:
+            problems.append(f"its EMA weights ({len(saved_shadow)} tensors) do not match this model's "
+                            f"{len(params)} trainable parameters")
+    if problems:
+        diff = _settings_diff(saved_attrs, here_attrs) if saved_name is not None else []
+        if saved_name is None:
+            advice = " The checkpoint has no config to say which model settings it was trained with."
+        elif not diff:  # the config saved with the weights builds this model: they contradict each other
+            advice = (" The config saved in the checkpoint builds this same model, so its weights do not "
+                      "match its own config: the file was edited or assembled by hand.")
+        elif inference_only:
+            advice = (f" The model settings differ: {'; '.join(diff[:6])}. Load it with the config it was "
+                      f"trained with (a copy is in the checkpoint, under 'config').")
+        else:
+            advice = (f" The model settings differ: {'; '.join(diff[:6])}. Resume with the model settings it "
+                      f"was trained with (its config, under 'config' in the file), or train this model in a new "
+                      f"run (another --run-dir or --timestamp-id).{resume}")
+        raise CheckpointError(f"checkpoint {path} does not fit this run's model {here_name}: "
+                              f"{'; '.join(problems)}.{advice}")
+    if missing or unexpected:
+        parts = ([f"{len(missing)} of the model's tensors are not in it and keep their values ({_names(missing)})"]
+                 if missing else []) + ([f"{len(unexpected)} of its tensors are left out ({_names(unexpected)})"]
+                                        if unexpected else [])
+        logging.warning(f"task.strict_load: false: loading checkpoint {path} partially: {'; '.join(parts)}")
+
+
+def _resume_hint(trainer, path) -> str:
+    """fairchem's TrainTask resumes from ``<checkpoint_dir>/checkpoint.pt`` by itself when it exists."""
+    own = (trainer.config.get("cmd") or {}).get("checkpoint_dir")
+    if own and os.path.abspath(path) == os.path.abspath(os.path.join(own, "checkpoint.pt")):
+        return (" fairchem resumes a run folder's own checkpoint.pt by itself, and this run's --timestamp-id "
+                "names that folder: give another --timestamp-id or --run-dir to start a new run.")
+    return ""
 
 
 @contextlib.contextmanager

@@ -77,17 +77,27 @@ def load_trainer(checkpoint: str | Path, cpu: bool = True, run_dir: str | Path |
     normalizers come from the checkpoint). A checkpoint.pt stores the raw weights and their EMA; the
     EMA is restored here so evaluation sees the weights fairchem's own validation sees.
     With run_dir=None the trainer is in debug mode (writes nothing); predict() needs a run_dir.
+    A file that is not a readable fairchem checkpoint (missing, truncated, no config, weights that do not
+    fit the model its config builds) raises :class:`leignn_ocp.trainer.CheckpointError` naming it.
     """
-    import torch
     from fairchem.core.common.registry import registry
     from fairchem.core.common.utils import setup_imports, update_config
     from fairchem.core.datasets import data_list_collater
     from fairchem.core.modules.exponential_moving_average import ExponentialMovingAverage
 
     import leignn_ocp  # noqa: F401  (registers the model)
+    from leignn_ocp.trainer import (CheckpointError, Trainer, check_checkpoint, model_class, model_config,
+                                    read_checkpoint)
 
     setup_imports()
-    ckpt = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(checkpoint)  # names the file: missing, empty, truncated, not a checkpoint
+    if not isinstance(ckpt.get("config"), dict) or model_config(ckpt["config"])[0] is None:
+        raise CheckpointError(f"checkpoint {checkpoint} has no config with a model name (fairchem writes the run's "
+                              "config into every checkpoint it saves), so its model cannot be rebuilt")
+    name = model_config(ckpt["config"])[0]
+    if model_class(name) is None:
+        raise CheckpointError(f"checkpoint {checkpoint} is of model {name!r}, which fairchem's registry does not "
+                              "know here (a plugin that is not installed?)")
     config = update_config(copy.deepcopy(ckpt["config"]))
     model = dict(config["model"])
     model.pop("scale_file", None)  # the fitted scale factors are in the state dict
@@ -119,6 +129,8 @@ def load_trainer(checkpoint: str | Path, cpu: bool = True, run_dir: str | Path |
     if ckpt.get("ema") is not None:
         decay = config["optim"].get("ema_decay") or 0.999  # load_state_dict restores the decay
         trainer.ema = ExponentialMovingAverage(trainer.model.parameters(), decay)
+    if not isinstance(trainer, Trainer):  # fairchem's own trainer: the same checks before its load
+        check_checkpoint(trainer, ckpt, checkpoint, inference_only=True)
     trainer.load_checkpoint(str(checkpoint), checkpoint=ckpt, inference_only=True)
     return trainer
 

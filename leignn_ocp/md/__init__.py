@@ -6,8 +6,9 @@
 * :mod:`leignn_ocp.md.metrics`    - stability (bond / RDF window), RDF and h(r) MAE, diffusivity
 * :mod:`leignn_ocp.md.reference`  - reference systems made with GFN2-xTB (tblite) and EMT
 * :mod:`leignn_ocp.md.benchmark`  - ``run_benchmark`` (reference, fairchem training, MD, metrics)
+* :mod:`leignn_ocp.md.relax`      - ``relax`` (BFGS / FIRE with a step cap and warnings)
 
-Commands: ``leignn-md`` (``run``), ``leignn-md-reference``, ``leignn-md-benchmark``.
+Commands: ``leignn-md`` (``run``), ``leignn-md-reference``, ``leignn-md-benchmark``, ``leignn-relax``.
 
 Names are imported lazily so that ``leignn_ocp.md.metrics`` works without loading fairchem.
 """
@@ -21,6 +22,8 @@ _LAZY = {
     "run_md": "leignn_ocp.md.run",
     "make_dynamics": "leignn_ocp.md.run",
     "BlowUpMonitor": "leignn_ocp.md.run",
+    "BlowUp": "leignn_ocp.md.run",
+    "relax": "leignn_ocp.md.relax",
     "evaluate_molecule": "leignn_ocp.md.metrics",
     "evaluate_condensed": "leignn_ocp.md.metrics",
     "run_benchmark": "leignn_ocp.md.benchmark",

@@ -15,6 +15,10 @@ de-normalises the predictions). What it adds:
   conserved in NVE with them; run MD with a thermostat, or train with
   ``direct_forces: false`` for gradient (conservative) forces.
 
+A checkpoint that is missing, truncated, not a fairchem checkpoint, of another model (a PaiNN
+checkpoint) or with weights that do not fit its own config raises
+:class:`leignn_ocp.trainer.CheckpointError` naming the file, before any model is built.
+
 Usage::
 
     from leignn_ocp.md import LEIGNNCalculator
@@ -33,6 +37,7 @@ from ase.calculators.calculator import all_changes
 from fairchem.core.common.relaxation.ase_utils import OCPCalculator
 
 import leignn_ocp  # noqa: F401  (registers the model with fairchem's registry)
+from leignn_ocp.trainer import TRAINER_PATH, CheckpointError, model_class, model_config, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,24 @@ DIRECT_FORCES_WARNING = (
     "they are not conservative, so total energy drifts in NVE. Use a thermostat "
     "(Langevin / Nose-Hoover / Bussi) or a model trained with direct_forces: false."
 )
+
+
+def require_leignn(ckpt: dict, path) -> None:
+    """Raise :class:`CheckpointError` unless ``ckpt``'s config builds a LEIGNN (before fairchem builds
+    whatever model it names)."""
+    from leignn_ocp.model import LEIGNN
+
+    config = ckpt.get("config")
+    name = model_config(config)[0] if isinstance(config, dict) else None
+    if name is None:
+        raise CheckpointError(f"checkpoint {path} has no config with a model name (fairchem writes the run's "
+                              "config into every checkpoint it saves), so its model cannot be rebuilt")
+    cls = model_class(name)
+    if cls is None or not issubclass(cls, LEIGNN):
+        what = f"{cls.__module__}.{cls.__qualname__}" if cls is not None else "not a model known here"
+        raise CheckpointError(f"checkpoint {path} is a checkpoint of {name} ({what}), not of LEIGNN: "
+                              "LEIGNNCalculator runs LEIGNN checkpoints (model name leignn_ocp.LEIGNN); "
+                              "fairchem's OCPCalculator runs its other models")
 
 
 class LEIGNNCalculator(OCPCalculator):
@@ -62,12 +85,16 @@ class LEIGNNCalculator(OCPCalculator):
 
     def __init__(self, checkpoint_path: str | Path, cpu: bool = True, seed: int | None = None,
                  wrap: bool = True, use_ema: bool = True, **kwargs) -> None:
+        ckpt = read_checkpoint(checkpoint_path)  # names the file: missing, empty, truncated, not a checkpoint
+        require_leignn(ckpt, checkpoint_path)
+        # the project's trainer: its load_checkpoint checks every tensor before fairchem loads any
+        kwargs.setdefault("trainer", TRAINER_PATH)
         super().__init__(checkpoint_path=str(checkpoint_path), cpu=cpu, seed=seed, **kwargs)
         self.wrap = wrap
         self.checkpoint_path = str(checkpoint_path)
         model = self.trainer._unwrapped_model
         self.model = model
-        self.used_ema = use_ema and self._load_ema(checkpoint_path)
+        self.used_ema = use_ema and self._load_ema(ckpt)
         regress = bool(getattr(model, "regress_forces", True))
         self.direct_forces = regress and bool(getattr(model, "direct_forces", False))
         self.use_pbc = bool(getattr(model, "use_pbc", True))
@@ -91,8 +118,8 @@ class LEIGNNCalculator(OCPCalculator):
                     "energy. Train with equal energy/force rmsd (see configs/md/"
                     "ethanol_leignn_conservative.yml).", self.checkpoint_path, se, sf, sf / se)
 
-    def _load_ema(self, checkpoint_path) -> bool:
-        ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    def _load_ema(self, ckpt: dict) -> bool:
+        checkpoint_path = self.checkpoint_path
         ema = ckpt.get("ema")
         if not ema or "shadow_params" not in ema:
             return False

@@ -11,17 +11,25 @@
 
 and writes an ASE ``.traj`` every ``save_every`` steps (step 0 included) with energy,
 forces, momenta and ``atoms.info["time_fs"]``. A :class:`BlowUpMonitor` checks the state
-every ``check_every`` steps and stops the run - it ends early, the summary says
-``blew_up: true`` with the reason and step, and the ``leignn-md`` command exits with status 3 -
-when any of these happen:
+every ``check_every`` steps and before every frame is written, and stops the run - it ends
+early, the summary says ``blew_up: true`` with the reason, its name (``blowup_kind``) and the
+step, and the ``leignn-md`` command exits with status 3 - when any of these happen:
 
-* non-finite energy, forces or positions (or the model refuses its input);
-* a force above ``max_force`` eV/A;
-* molecules (no periodic axis): a bond (ASE ``natural_cutoffs`` on the first frame) longer
-  or shorter than its first-frame length by more than ``bond_threshold`` A (MDSim's 0.5 A),
-  which also catches atoms flying apart;
-* periodic systems: two atoms closer than ``min_distance`` A, or the instantaneous
-  temperature above ``max_temperature`` K.
+* ``non_finite``: NaN / inf energy, forces, velocities or positions (checked at every step);
+* ``model_error``: the calculator raised (the model refuses its input);
+* ``force``: a force above ``max_force`` eV/A;
+* ``bond`` (molecules: no periodic axis): a bond (ASE ``natural_cutoffs`` on the first frame)
+  longer or shorter than its first-frame length by more than ``bond_threshold`` A (MDSim's 0.5 A);
+* ``escaped``: an atom on its way to infinity along a non-periodic direction - for a molecule,
+  ``escape_distance`` (10 A) farther from the centre of mass than any atom of the first frame; for
+  a slab, that far outside the cell along its non-periodic cell vector;
+* ``min_distance`` (periodic systems): two atoms closer than ``min_distance`` A;
+* ``temperature``: the instantaneous temperature above ``max_temperature`` K (default 10x the
+  target, at least 5000 K).
+
+The trajectory holds only frames that passed the checks, each written whole (energy and forces
+come from a snapshot, not the calculator, and an interrupted write is dropped), so
+``ase.io.read(path, ":")`` reads it up to the last good frame after any blow-up.
 
 Command line (``leignn-md``, also ``python scripts/run_md.py`` and ``python -m leignn_ocp.md.run``)::
 
@@ -36,8 +44,9 @@ Command line (``leignn-md``, also ``python scripts/run_md.py`` and ``python -m l
 
 It writes ``--out`` (frames with energy, forces, momenta, ``info["time_fs"]``) and a JSON
 summary beside it (``--summary``, default ``<out>.json``); on a blow-up it prints
-``MD BLEW UP ...`` and exits with status 3. Direct-force LEIGNN models are not conservative:
-use a thermostat (the calculator warns).
+``MD BLEW UP ...`` and exits with status 3; a checkpoint it cannot use (missing, truncated, not
+LEIGNN's) is one line on stderr naming the file, and status 2, before anything is written.
+Direct-force LEIGNN models are not conservative: use a thermostat (the calculator warns).
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,15 +67,42 @@ log = logging.getLogger(__name__)
 
 ENSEMBLES = ("langevin", "nose-hoover", "bussi", "berendsen", "nve")
 EXIT_BLOWUP = 3
+EXIT_BAD_CHECKPOINT = 2  # unreadable, truncated or not a LEIGNN checkpoint (argparse's status too)
 
 
 class BlowUp(RuntimeError):
-    """The simulation left physical territory; ``reason`` says how."""
+    """The simulation left physical territory; ``reason`` says how, ``kind`` names it (one of
+    :data:`BLOWUP_KINDS`)."""
 
-    def __init__(self, reason: str, step: int):
-        super().__init__(f"step {step}: {reason}")
+    def __init__(self, reason: str, step: int, kind: str):
+        if kind not in BLOWUP_KINDS:
+            raise ValueError(f"unknown blow-up kind {kind!r}; one of {BLOWUP_KINDS}")
+        super().__init__(f"step {step}: {kind}: {reason}")
         self.reason = reason
         self.step = step
+        self.kind = kind
+
+
+# the named reasons a run stops for (the summary's ``blowup_kind``)
+BLOWUP_KINDS = ("non_finite", "force", "bond", "min_distance", "escaped", "temperature", "model_error")
+FATAL_KINDS = ("non_finite", "model_error")  # the run cannot go on, even with stop_on_blowup=False
+
+
+def check_finite(atoms: Atoms, step: int, energy: bool = True) -> None:
+    """:class:`BlowUp` ``non_finite`` naming the first atom with a NaN / inf position, velocity or
+    force (and the energy, with ``energy``). Cheap: forces and energy are the calculator's cache."""
+    named = [("forces", atoms.get_forces()), ("positions", atoms.get_positions()),
+             ("velocities", atoms.get_momenta())]  # each [N, 3]; forces first: NaN forces make the others NaN
+    for what, x in named:
+        bad = ~np.isfinite(x).all(axis=1)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise BlowUp(f"non-finite {what} ({int(bad.sum())} atoms; first atom {i} "
+                         f"({atoms[i].symbol}): {x[i].tolist()})", step, "non_finite")
+    if energy:
+        e = atoms.get_potential_energy()
+        if not np.isfinite(e):
+            raise BlowUp(f"non-finite energy ({e})", step, "non_finite")
 
 
 @dataclass
@@ -76,27 +113,30 @@ class BlowUpMonitor:
     bond_threshold: float | None = 0.5
     min_distance: float = 0.5
     max_temperature: float | None = None
+    escape_distance: float | None = 10.0
     bonds: np.ndarray | None = field(default=None, repr=False)
     bond_ref: np.ndarray | None = field(default=None, repr=False)
+    radius_ref: float | None = field(default=None, repr=False)  # molecules: largest first-frame distance to the COM
 
     def setup(self, atoms: Atoms) -> None:
-        if not atoms.pbc.any() and self.bond_threshold is not None:
-            from leignn_ocp.md.metrics import bond_lengths, find_bonds
+        self.bonds = self.bond_ref = self.radius_ref = None
+        if not atoms.pbc.any():
+            self.radius_ref = float(np.linalg.norm(atoms.positions - atoms.get_center_of_mass(), axis=1).max())
+            if self.bond_threshold is not None:
+                from leignn_ocp.md.metrics import bond_lengths, find_bonds
 
-            self.bonds = find_bonds(atoms)
-            self.bond_ref = bond_lengths([atoms], self.bonds)[0] if len(self.bonds) else None
+                self.bonds = find_bonds(atoms)
+                self.bond_ref = bond_lengths([atoms], self.bonds)[0] if len(self.bonds) else None
 
     def check(self, atoms: Atoms, step: int) -> None:
-        pos = atoms.get_positions()
-        if not np.isfinite(pos).all():
-            raise BlowUp("non-finite positions", step)
+        check_finite(atoms, step)
         forces = atoms.get_forces()
-        energy = atoms.get_potential_energy()
-        if not (np.isfinite(forces).all() and np.isfinite(energy)):
-            raise BlowUp("non-finite energy or forces", step)
-        fmax = float(np.sqrt((forces ** 2).sum(axis=1)).max())
-        if fmax > self.max_force:
-            raise BlowUp(f"force {fmax:.1f} eV/A above max_force {self.max_force:g}", step)
+        fnorm = np.sqrt((forces ** 2).sum(axis=1))  # [N]
+        if fnorm.max() > self.max_force:
+            i = int(fnorm.argmax())
+            raise BlowUp(f"force {fnorm[i]:.1f} eV/A on atom {i} ({atoms[i].symbol}) above max_force "
+                         f"{self.max_force:g}", step, "force")
+        self.check_escape(atoms, step)
         if self.bonds is not None and self.bond_ref is not None and len(self.bonds):
             from leignn_ocp.md.metrics import bond_lengths
 
@@ -105,17 +145,63 @@ class BlowUpMonitor:
             if dev[k] > self.bond_threshold:
                 i, j = self.bonds[k]
                 raise BlowUp(f"bond {i}-{j} deviates {dev[k]:.2f} A from its initial length "
-                             f"(threshold {self.bond_threshold:g} A)", step)
+                             f"(threshold {self.bond_threshold:g} A)", step, "bond")
         if atoms.pbc.any():
             from ase.neighborlist import neighbor_list
 
             d = neighbor_list("d", atoms, self.min_distance)
             if len(d):
-                raise BlowUp(f"two atoms {d.min():.2f} A apart (min_distance {self.min_distance:g} A)", step)
+                raise BlowUp(f"two atoms {d.min():.2f} A apart (min_distance {self.min_distance:g} A)", step,
+                             "min_distance")
         if self.max_temperature is not None:
             temp = atoms.get_temperature()
             if temp > self.max_temperature:
-                raise BlowUp(f"temperature {temp:.0f} K above max_temperature {self.max_temperature:g} K", step)
+                raise BlowUp(f"temperature {temp:.0f} K above max_temperature {self.max_temperature:g} K", step,
+                             "temperature")
+
+    def check_escape(self, atoms: Atoms, step: int) -> None:
+        """An atom on its way to infinity along a non-periodic direction: for a molecule, farther from
+        the centre of mass than any atom of the first frame by ``escape_distance``; with some axes
+        periodic (a slab), outside the cell along a non-periodic cell vector by ``escape_distance``."""
+        if self.escape_distance is None:
+            return
+        pos = atoms.get_positions()
+        if not atoms.pbc.any():
+            if self.radius_ref is None:
+                return
+            r = np.linalg.norm(pos - atoms.get_center_of_mass(), axis=1)  # [N]
+            i = int(r.argmax())
+            if r[i] > self.radius_ref + self.escape_distance:
+                raise BlowUp(f"atom {i} ({atoms[i].symbol}) is {r[i]:.1f} A from the centre of mass, "
+                             f"{r[i] - self.radius_ref:.1f} A farther than any atom of the first frame "
+                             f"(escape_distance {self.escape_distance:g} A): it is flying off", step, "escaped")
+        elif atoms.cell.rank == 3 and not atoms.pbc.all():
+            inv = np.linalg.inv(atoms.cell.array)  # [3, 3]; column k: reciprocal vector b_k (no 2 pi)
+            s = pos @ inv  # [N, 3] fractional, not wrapped
+            height = 1.0 / np.linalg.norm(inv, axis=0)  # [3] distance between the two faces across axis k
+            out = np.maximum(np.maximum(-s, s - 1.0), 0.0) * height  # [N, 3] distance outside the cell
+            out[:, atoms.pbc] = 0.0
+            i, k = np.unravel_index(int(out.argmax()), out.shape)
+            if out[i, k] > self.escape_distance:
+                raise BlowUp(f"atom {i} ({atoms[i].symbol}) left the box: {out[i, k]:.1f} A outside the cell "
+                             f"along its non-periodic axis {'abc'[k]} (escape_distance {self.escape_distance:g} A)",
+                             step, "escaped")
+
+
+def default_max_temperature(temperature_K: float) -> float:
+    """The blow-up temperature when none is given: 10x the target, at least 5000 K."""
+    return max(10 * temperature_K, 5000.0)
+
+
+def snapshot(atoms: Atoms, time_fs: float) -> Atoms:
+    """A copy with the energy and forces already computed (a SinglePointCalculator): writing it runs
+    no calculator, so a frame is written whole or not at all."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    frame = atoms.copy()
+    frame.info["time_fs"] = time_fs
+    frame.calc = SinglePointCalculator(frame, energy=atoms.get_potential_energy(), forces=atoms.get_forces())
+    return frame
 
 
 def make_dynamics(atoms: Atoms, ensemble: str, timestep_fs: float, temperature_K: float,
@@ -175,10 +261,17 @@ def run_md(atoms: Atoms, calc, traj_path: str | Path, ensemble: str = "nose-hoov
     ``init_temperature_K`` sets the Maxwell-Boltzmann velocities (default: ``temperature_K``);
     ``keep_velocities`` keeps the velocities ``atoms`` already has. With
     ``stop_on_blowup=False`` a blow-up is only recorded (first occurrence) and the run goes
-    on unless the model can no longer be evaluated.
+    on, except for the kinds it cannot go on from (:data:`FATAL_KINDS`: non-finite values, a
+    model that fails).
+
+    Every step is checked for non-finite positions, velocities and forces; the whole monitor
+    runs every ``check_every`` steps and before every frame is written, so the trajectory holds
+    only frames that passed (a frame is written complete or not at all; see :func:`snapshot`).
     """
     traj_path = Path(traj_path)
     traj_path.parent.mkdir(parents=True, exist_ok=True)
+    if save_every < 1 or (check_every is not None and check_every < 1):
+        raise ValueError(f"save_every and check_every must be >= 1 steps, not {save_every} / {check_every}")
     rng = np.random.default_rng(seed)
     atoms = atoms.copy()
     atoms.calc = calc
@@ -186,35 +279,44 @@ def run_md(atoms: Atoms, calc, traj_path: str | Path, ensemble: str = "nose-hoov
         init_velocities(atoms, init_temperature_K if init_temperature_K is not None else temperature_K, rng)
     dyn = make_dynamics(atoms, ensemble, timestep_fs, temperature_K, friction_per_fs, tdamp_fs, rng)
     if monitor is None:
-        monitor = BlowUpMonitor(max_temperature=max(10 * temperature_K, 5000.0) if atoms.pbc.any() else None)
+        monitor = BlowUpMonitor(max_temperature=default_max_temperature(temperature_K))
     monitor.setup(atoms)
     check_every = check_every or save_every
 
     writer = Trajectory(str(traj_path), "w")
-    state = dict(blowup=None)
+    state = dict(blowup=None, last_ok=None, frames=0)
 
-    def save():
-        atoms.info["time_fs"] = dyn.nsteps * timestep_fs
-        writer.write(atoms)
+    def record(err: BlowUp) -> None:
+        if state["blowup"] is None:
+            state["blowup"] = err
+            log.error("MD blew up at step %d (%.3f ps): %s: %s", err.step, err.step * timestep_fs / 1000,
+                      err.kind, err.reason)
+        if stop_on_blowup or err.kind in FATAL_KINDS:
+            raise err
 
-    def check():
+    def observe() -> None:
+        """Every step: the finite check; then the monitor and the frame where they are due."""
+        n = dyn.nsteps
+        save, full = n % save_every == 0, n % check_every == 0
         try:
-            monitor.check(atoms, dyn.nsteps)
+            check_finite(atoms, n, energy=save or full)
+            if save or full:
+                monitor.check(atoms, n)
         except BlowUp as err:
-            if state["blowup"] is None:
-                state["blowup"] = err
-                log.error("MD blew up at step %d (%.3f ps): %s", err.step, err.step * timestep_fs / 1000, err.reason)
-            if stop_on_blowup:
-                raise
+            record(err)
+        state["last_ok"] = n
+        if save:
+            write_frame(writer, snapshot(atoms, n * timestep_fs))
+            state["frames"] += 1
+        if bar is not None and n > 0:
+            bar.update(1)
 
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc=f"MD {ensemble} {temperature_K:g} K", unit="step", mininterval=1.0)
-        dyn.attach(lambda: bar.update(1) if dyn.nsteps > 0 else None, interval=1)
-    dyn.attach(save, interval=save_every)
-    dyn.attach(check, interval=check_every)
+    dyn.attach(observe, interval=1)
 
     t0 = time.perf_counter()
     try:
@@ -222,8 +324,9 @@ def run_md(atoms: Atoms, calc, traj_path: str | Path, ensemble: str = "nose-hoov
     except BlowUp:
         pass
     except (ValueError, RuntimeError, FloatingPointError) as err:  # the model refused the state
-        state["blowup"] = BlowUp(f"model evaluation failed: {err}", dyn.nsteps)
-        log.error("MD stopped at step %d: %s", dyn.nsteps, err)
+        step = 0 if state["last_ok"] is None else state["last_ok"] + 1
+        state["blowup"] = BlowUp(f"model evaluation failed: {type(err).__name__}: {err}", step, "model_error")
+        log.error("MD stopped at step %d: %s", step, err)
     finally:
         wall = time.perf_counter() - t0
         writer.close()
@@ -233,8 +336,10 @@ def run_md(atoms: Atoms, calc, traj_path: str | Path, ensemble: str = "nose-hoov
     summary = dict(
         trajectory=str(traj_path), ensemble=ensemble, timestep_fs=timestep_fs, temperature_K=temperature_K,
         steps_requested=steps, steps_done=int(dyn.nsteps), simulated_ps=dyn.nsteps * timestep_fs / 1000,
-        save_every=save_every, frame_interval_fs=save_every * timestep_fs, seed=seed, n_atoms=len(atoms),
-        blew_up=err is not None, blowup_reason=None if err is None else err.reason,
+        save_every=save_every, frame_interval_fs=save_every * timestep_fs, frames_written=state["frames"],
+        seed=seed, n_atoms=len(atoms),
+        blew_up=err is not None, blowup_kind=None if err is None else err.kind,
+        blowup_reason=None if err is None else err.reason,
         blowup_step=None if err is None else err.step,
         blowup_ps=None if err is None else err.step * timestep_fs / 1000,
         wall_s=round(wall, 2), ms_per_step=round(1000 * wall / max(dyn.nsteps, 1), 3),
@@ -243,9 +348,21 @@ def run_md(atoms: Atoms, calc, traj_path: str | Path, ensemble: str = "nose-hoov
     summary_path = Path(summary_path) if summary_path else traj_path.with_suffix(".json")
     summary_path.write_text(json.dumps(summary, indent=2))
     if err is not None:
-        print(f"MD BLEW UP at step {err.step} ({summary['blowup_ps']:.3f} ps): {err.reason}; "
-              f"trajectory up to there in {traj_path}")
+        print(f"MD BLEW UP at step {err.step} ({summary['blowup_ps']:.3f} ps): {err.kind}: {err.reason}; "
+              f"trajectory up to there ({state['frames']} frames) in {traj_path}")
     return summary
+
+
+def write_frame(writer: Trajectory, frame: Atoms) -> None:
+    """Append one frame; if the write is interrupted (an exception, Ctrl-C), drop what it had written
+    so far: ASE's ulm writer would otherwise commit the half-written frame when the file is closed."""
+    try:
+        writer.write(frame)
+    except BaseException:
+        backend = getattr(writer, "backend", None)
+        if backend is not None and isinstance(getattr(backend, "data", None), dict):
+            backend.data = {k: v for k, v in backend.data.items() if k == "_little_endian"}  # unsynced item
+        raise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,7 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bond-threshold", type=float, default=0.5, help="blow-up (molecules): bond deviation (A)")
     p.add_argument("--min-distance", type=float, default=0.5, help="blow-up (periodic): closest approach (A)")
     p.add_argument("--max-temperature-K", type=float, default=None,
-                   help="blow-up: temperature (default 10x target, periodic only)")
+                   help="blow-up: temperature (default 10x target, at least 5000 K)")
+    p.add_argument("--escape-distance", type=float, default=10.0,
+                   help="blow-up: an atom this far (A) beyond the structure along a non-periodic direction "
+                        "(0: off)")
     p.add_argument("--check-every", type=int, default=None, help="blow-up check interval (default: --save-every)")
     p.add_argument("--no-stop", action="store_true", help="record a blow-up but keep going")
     p.add_argument("--gpu", action="store_true", help="run the model on the GPU")
@@ -294,12 +414,19 @@ def main(argv=None) -> int:
         steps = int(round(a.length_ps * 1000 / a.timestep_fs))
     else:
         steps = a.steps if a.steps is not None else 1000
-    calc = LEIGNNCalculator(a.checkpoint, cpu=not a.gpu, seed=a.seed)
+    from leignn_ocp.trainer import CheckpointError
+
+    try:
+        calc = LEIGNNCalculator(a.checkpoint, cpu=not a.gpu, seed=a.seed)
+    except (CheckpointError, FileNotFoundError) as err:  # the message names the file and the problem
+        print(f"leignn-md: {err}", file=sys.stderr)
+        return EXIT_BAD_CHECKPOINT
     max_t = a.max_temperature_K
-    if max_t is None and atoms.pbc.any():
-        max_t = max(10 * a.temperature_K, 5000.0)
+    if max_t is None:
+        max_t = default_max_temperature(a.temperature_K)
     monitor = BlowUpMonitor(max_force=a.max_force, bond_threshold=a.bond_threshold,
-                            min_distance=a.min_distance, max_temperature=max_t)
+                            min_distance=a.min_distance, max_temperature=max_t,
+                            escape_distance=a.escape_distance if a.escape_distance > 0 else None)
     summary = run_md(
         atoms, calc, a.out, ensemble=a.ensemble, timestep_fs=a.timestep_fs, temperature_K=a.temperature_K,
         steps=steps, save_every=a.save_every, seed=a.seed, friction_per_fs=a.friction_per_fs,
