@@ -6,7 +6,7 @@
 * :mod:`leignn_ocp.md.metrics`    - stability (bond / RDF window), RDF and h(r) MAE, diffusivity
 * :mod:`leignn_ocp.md.reference`  - reference systems made with GFN2-xTB (tblite) and EMT
 * :mod:`leignn_ocp.md.benchmark`  - ``run_benchmark`` (reference, fairchem training, MD, metrics)
-* :mod:`leignn_ocp.md.relax`      - ``relax`` (BFGS / FIRE with a step cap and warnings)
+* :mod:`leignn_ocp.md.relax`      - ``relax.relax`` (BFGS / FIRE with a step cap and warnings)
 
 Commands: ``leignn-md`` (``run``), ``leignn-md-reference``, ``leignn-md-benchmark``, ``leignn-relax``.
 
@@ -23,7 +23,6 @@ _LAZY = {
     "make_dynamics": "leignn_ocp.md.run",
     "BlowUpMonitor": "leignn_ocp.md.run",
     "BlowUp": "leignn_ocp.md.run",
-    "relax": "leignn_ocp.md.relax",
     "evaluate_molecule": "leignn_ocp.md.metrics",
     "evaluate_condensed": "leignn_ocp.md.metrics",
     "run_benchmark": "leignn_ocp.md.benchmark",
