@@ -32,7 +32,7 @@ def periodic_axes(data) -> list[bool]:
     pbc = getattr(data, "pbc", None)
     if pbc is None:
         return [True, True, True]
-    pbc = torch.atleast_2d(pbc).bool()
+    pbc = pbc.reshape(-1, 3).bool()  # [B, 3]; AtomsToGraphs' [3] per structure batches to [3B]
     return [bool(pbc[:, k].any()) for k in range(3)]
 
 
@@ -121,6 +121,9 @@ def check_input(data, *, model: str, use_pbc: bool, cutoff: float, num_elements:
     if batch is None or batch.shape != (n,):
         raise ValueError(f"{model}: batch must be [N] = [{n}] (the structure of each atom), "
                          f"got {None if batch is None else list(batch.shape)}")
+    pbc = getattr(data, "pbc", None)
+    if pbc is not None and pbc.numel() != 3 * nb:
+        raise ValueError(f"{model}: pbc must be [B, 3] = [{nb}, 3] (or [3] per structure), got {list(pbc.shape)}")
     periodic = use_pbc and any(periodic_axes(data))
     if use_pbc:
         cell = getattr(data, "cell", None)
@@ -130,9 +133,6 @@ def check_input(data, *, model: str, use_pbc: bool, cutoff: float, num_elements:
             raise ValueError(f"{model}: cell must be [B, 3, 3] = [{nb}, 3, 3] (one per structure), "
                              f"got {list(cell.shape)}")
         cell = cell.view(nb, 3, 3)
-    pbc = getattr(data, "pbc", None)
-    if pbc is not None and torch.atleast_2d(pbc).shape != (nb, 3):
-        raise ValueError(f"{model}: pbc must be [B, 3] = [{nb}, 3], got {list(pbc.shape)}")
 
     # ---- values: flags on the device, one sync
     flags = {"positions": torch.isfinite(pos).all()}

@@ -141,3 +141,22 @@ def test_fuzz_suite(request):
     request.config.leignn_fuzz_report = ["LEIGNN input fuzz (leignn_ocp.fuzz)", *report.lines()]
     assert set(report.cases) == set(fuzz.VALID) | set(fuzz.INVALID)
     assert not report.failures, "\n".join(report.lines())
+
+
+def test_pbc_as_atoms_to_graphs_stores_it():
+    """fairchem's AtomsToGraphs(r_pbc=True) stores pbc as [3] per structure: a batch has [3B]."""
+    from ase.calculators.emt import EMT
+    from fairchem.core.datasets import data_list_collater
+
+    from leignn_ocp.batching import labelled_data
+
+    frames = [cu_bulk((1, 1, 2), seed=k) for k in range(3)]
+    for f in frames:
+        f.calc = EMT()
+    batch = data_list_collater([labelled_data(f, pbc=True) for f in frames], otf_graph=True)
+    assert batch.pbc.shape == (9,)
+    e, f = predict(model(True), batch)
+    assert torch.isfinite(e).all() and e.shape == (3,)
+    batch.pbc = batch.pbc[:4]
+    with pytest.raises(ValueError, match=r"pbc must be \[B, 3\] = \[3, 3\] \(or \[3\] per structure\), got \[4\]"):
+        model(True)(batch)
