@@ -115,6 +115,36 @@ class EarlyStoppingState:
     stopped_step: int | None = None  # step training stopped at (patience reached)
 
 
+CHECK_DATA = ("auto", "full", "sample", "off")
+CHECK_FULL_UP_TO = 100_000  # structures: "auto" reads every record up to this size (~1-2 s per 3k here)
+
+
+def check_data(kwargs: dict, optim: dict) -> dict[str, int] | None:
+    """Validate every source of the run's ``dataset`` block (leignn_ocp.data.validate): a truncated or
+    corrupt LMDB, a wrong ``length``, missing or non-finite labels, mixed dtypes stop the run here,
+    naming the file and record, instead of a SIGBUS, a silently short epoch or a NaN loss later.
+
+    ``optim.check_data``: auto (every record up to CHECK_FULL_UP_TO structures, else 256 per file
+    spread evenly; headers, lengths and keys always in full), full, sample, or off.
+    """
+    from leignn_ocp.data.validate import validate_dataset_config
+
+    mode = optim.get("check_data", "auto")
+    if mode not in CHECK_DATA:
+        raise ValueError(f"optim.check_data must be one of {CHECK_DATA}, got {mode!r}")
+    dataset = kwargs.get("dataset")
+    if mode == "off" or not dataset:
+        return None
+    outputs = kwargs.get("outputs") or {}
+    required = tuple(k for k in ("energy", "forces") if k in outputs) if outputs else ("energy", "forces")
+    if mode == "auto":
+        counts = validate_dataset_config(dataset, max_check=0, required=required)  # headers only
+        mode = "full" if sum(counts.values()) <= CHECK_FULL_UP_TO else "sample"
+    counts = validate_dataset_config(dataset, max_check=None if mode == "full" else 256, required=required)
+    logging.info(f"data checked ({mode}): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return counts
+
+
 def improved(value: float, best: float | None, min_delta: float, lower_is_better: bool) -> bool:
     """Whether ``value`` improves on ``best`` by more than ``min_delta`` (any value beats no best)."""
     if best is None:
@@ -166,6 +196,8 @@ class Trainer(OCPTrainer):
         self._es_state: EarlyStoppingState | None = None
         self._es_restored: dict | None = None
         self._stop_at: tuple[int, float] | None = None  # (step, epoch) patience ran out at
+        if not kwargs.get("inference_only", False):
+            check_data(kwargs, optim or {})  # before fairchem opens an LMDB (one handle per file and process)
         super().__init__(*args, **kwargs)
 
     # ------------------------------------------------------------------ training

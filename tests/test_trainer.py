@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -247,3 +249,21 @@ def test_early_stopping_needs_a_validation_set(lmdbs, tmp_path):
     finally:
         close_lmdb(t.train_loader)
     assert os.listdir(tmp_path) == []  # debug: nothing written
+
+
+def test_bad_data_stops_the_run_before_training(lmdbs, tmp_path):
+    """A NaN force label in record 5 of the training LMDB: the real CLI stops before the first step,
+    naming the split, the file and the record (fairchem alone would train on a NaN loss)."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    frames = emt_slab_frames(N_TRAIN, seed=0)
+    f = frames[5].get_forces()
+    f[2, 1] = np.nan
+    frames[5].calc = SinglePointCalculator(frames[5], energy=frames[5].get_potential_energy(), forces=f)
+    write_s2ef_lmdb(frames, tmp_path / "bad")
+    bad = {**lmdbs, "train": tmp_path / "bad", "root": tmp_path}
+    log, ckpt = _train(bad, LEIGNN_200K, "bad", *_tiny("leignn"), ok=False)
+    assert re.search(r"dataset\.train \(lmdb\): \S+/bad/data\.lmdb: record 5 label 'forces' is non-finite values \(atom 2: ", log), log[-3000:]
+    assert ckpt is None and "energy_mae" not in log
+    log, _ = _train(lmdbs, LEIGNN_200K, "badopt", *_tiny("leignn"), "--optim.check_data=sometimes", ok=False)
+    assert "optim.check_data must be one of ('auto', 'full', 'sample', 'off'), got 'sometimes'" in log

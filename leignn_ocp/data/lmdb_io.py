@@ -6,11 +6,17 @@ A dataset folder holds ``*.lmdb`` files (keys: ascii ints from 0, plus ``length`
 
 Writes are deterministic (same structures -> byte-identical files) and atomic (a temp folder renamed
 into place at the end), so a crash never leaves a half-written dataset behind.
+
+:func:`validate_lmdb` checks a folder the way LmdbDataset will read it, before it does: fairchem
+trusts the file header, the ``length`` key and every record, so a bad file otherwise shows up as a
+SIGBUS, a silently shorter dataset, a crash mid-epoch or a NaN loss (``leignn_ocp.data.validate``
+checks whole dataset configs and ASE databases).
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import shutil
@@ -24,6 +30,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "DatasetValidationError",
     "LmdbValidationError",
     "dumps_deterministic",
     "write_lmdb_dir",
@@ -39,7 +46,11 @@ __all__ = [
 MAP_SIZE = 1 << 40
 
 
-class LmdbValidationError(ValueError):
+class DatasetValidationError(ValueError):
+    """A dataset (any format) that cannot be used for S2EF training or evaluation."""
+
+
+class LmdbValidationError(DatasetValidationError):
     """An LMDB dataset path that cannot be used for S2EF training or evaluation."""
 
 
@@ -159,26 +170,67 @@ def lmdb_files(path: Path | str) -> list[Path]:
 
 
 def _open_ro(db_path: Path) -> lmdb.Environment:
+    """Read-only handle, refused for a truncated file: LMDB maps the file and trusts its header, so
+    reading a page past the end kills the process with SIGBUS (no Python error at all)."""
     try:
-        return lmdb.open(str(db_path), subdir=False, readonly=True, lock=False, readahead=False,
-                         meminit=False, max_readers=1)
+        env = lmdb.open(str(db_path), subdir=False, readonly=True, lock=False, readahead=False,
+                        meminit=False, max_readers=1)
     except lmdb.Error as exc:
         if "already open" in str(exc):  # py-lmdb allows one handle per file and process
             raise RuntimeError(f"{db_path} is already open in this process (validate before building "
                                "the dataset, or drop the LmdbDataset first)") from exc
         raise LmdbValidationError(f"cannot open {db_path} as an LMDB file ({exc}); corrupt or not LMDB") from exc
+    # the meta page (read at open) names the last page written; the file must reach its end
+    need = (int(env.info()["last_pgno"]) + 1) * int(env.stat()["psize"])
+    size = db_path.stat().st_size
+    if size < need:
+        env.close()
+        raise LmdbValidationError(
+            f"{db_path} is truncated: {size} bytes, but its LMDB header says {need} (an interrupted copy or "
+            "download?); reading it would kill the process with SIGBUS")
+    return env
 
 
 def _num_entries(env: lmdb.Environment, db_path: Path) -> int:
     """Record count as LmdbDataset computes it: the ``length`` key if present, else all entries."""
-    with env.begin() as txn:
-        raw = txn.get(b"length")
+    try:
+        with env.begin() as txn:
+            raw = txn.get(b"length")
+    except lmdb.Error as exc:
+        raise LmdbValidationError(f"{db_path}: corrupt LMDB ({type(exc).__name__}: {exc})") from exc
     if raw is None:
         return int(env.stat()["entries"])
     try:
         return int(pickle.loads(raw))
     except Exception as exc:
         raise LmdbValidationError(f"{db_path}: unreadable 'length' entry ({exc})") from exc
+
+
+def _check_keys(env: lmdb.Environment, db_path: Path) -> int:
+    """The record count, after checking that the keys are exactly ``0..n-1`` (+ ``length``).
+
+    LmdbDataset trusts ``length``: a larger one crashes training at the first missing key (unpickling
+    None), a smaller one silently drops the records past it. Looks keys up one by one without copying
+    the values (a cursor walk over corrupt pages can abort the process inside liblmdb).
+    """
+    n = _num_entries(env, db_path)
+    try:
+        with env.begin(buffers=True) as txn:
+            has_length = txn.get(b"length") is not None
+            records = int(env.stat()["entries"]) - has_length
+            if n != records:
+                raise LmdbValidationError(
+                    f"{db_path}: 'length' key says {n} records but the file holds {records} (fairchem's "
+                    f"LmdbDataset reads keys 0..{n - 1}: " + ("it would crash on a missing key)" if n > records
+                                                              else f"{records - n} records would be silently skipped)"))
+            for k in range(n):
+                if txn.get(f"{k}".encode("ascii")) is None:  # same count, so some other key holds a record
+                    raise LmdbValidationError(
+                        f"{db_path}: key {k} missing: the {n} records are not under keys 0..{n - 1} (fairchem's "
+                        f"LmdbDataset would crash at index {k} and never read the record under the other key)")
+    except lmdb.Error as exc:
+        raise LmdbValidationError(f"{db_path}: corrupt LMDB ({type(exc).__name__}: {exc})") from exc
+    return n
 
 
 def iter_raw_lmdb_dir(path: Path | str):
@@ -199,25 +251,153 @@ def iter_raw_lmdb_dir(path: Path | str):
             env.close()
 
 
-def _label_problem(data, key: str) -> str | None:
-    """Why ``data[key]`` is not a usable S2EF label, or None."""
-    store = getattr(data, "_store", None)
-    keys = set(store.keys()) if store is not None else set(vars(data))
+# fields a record must hold as ``torch.Tensor`` (when present), one dtype across the dataset:
+# a batch of records with mixed dtypes fails (or silently upcasts) only deep inside the model
+TENSOR_FIELDS = ("pos", "cell", "forces", "force", "atomic_numbers", "tags", "fixed")
+MAX_Z = 118
+
+
+def _keys(data) -> set[str]:
+    return set(data._store.keys())
+
+
+def _natoms(data) -> int | None:
+    """``natoms`` as an int, or None when it is not one positive integer."""
+    value = data["natoms"]
+    try:
+        t = torch.as_tensor(value)
+    except Exception:
+        return None
+    if t.numel() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool or int(t) < 1:
+        return None
+    return int(t)
+
+
+def _label_problem(data, key: str, keys: set[str] | None = None, natoms: int | None = None) -> str | None:
+    """Why ``data[key]`` is not a usable S2EF field, or None (``"missing"`` when absent).
+    ``keys`` / ``natoms``: the record's, when the caller has them already (computed here otherwise)."""
+    keys = _keys(data) if keys is None else keys
     if key not in keys or data[key] is None:
         return "missing"
     value = data[key]
-    natoms = int(data["natoms"]) if "natoms" in keys else None
-    if key in ("forces", "force"):
-        t = torch.as_tensor(value)
+    if natoms is None and "natoms" in keys:
+        natoms = _natoms(data)
+    if key == "natoms":
+        return None if natoms is not None else f"not one positive integer ({value!r})"
+    if key in TENSOR_FIELDS and not isinstance(value, torch.Tensor):
+        return f"a {type(value).__module__}.{type(value).__name__}, not a torch.Tensor"
+    if key in ("forces", "force", "pos"):
+        t = value
         if t.dim() != 2 or t.shape[1] != 3 or (natoms is not None and t.shape[0] != natoms):
             return f"shape {tuple(t.shape)}, expected [natoms={natoms}, 3]"
+        if not t.is_floating_point():
+            return f"of dtype {t.dtype}, expected floating point"
         if not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).any(dim=1).nonzero()[0])
+            return f"non-finite values (atom {bad}: {t[bad].tolist()})"
+    elif key == "atomic_numbers":
+        t = value
+        if t.dim() != 1 or (natoms is not None and t.shape[0] != natoms):
+            return f"shape {tuple(t.shape)}, expected [natoms={natoms}]"
+        if t.is_floating_point():
+            if not torch.isfinite(t).all() or (t != t.round()).any():
+                bad = int((~torch.isfinite(t) | (t != t.round())).nonzero()[0])
+                return f"not whole numbers (atom {bad}: {float(t[bad])!r}; fairchem's .long() would truncate it)"
+        elif t.dtype == torch.bool or t.is_complex():
+            return f"of dtype {t.dtype}"
+        if ((t < 1) | (t > MAX_Z)).any():
+            bad = int(((t < 1) | (t > MAX_Z)).nonzero()[0])
+            return f"out of range (atom {bad}: {t[bad].item()!r}, expected 1..{MAX_Z})"
+    elif key == "cell":
+        if value.shape not in ((1, 3, 3), (3, 3)) or not value.is_floating_point():
+            return f"shape {tuple(value.shape)} dtype {value.dtype}, expected floating [1, 3, 3]"
+        if not torch.isfinite(value).all():
             return "non-finite values"
+    elif key in ("tags", "fixed"):
+        if value.dim() != 1 or (natoms is not None and value.shape[0] != natoms):
+            return f"shape {tuple(value.shape)}, expected [natoms={natoms}]"
     elif key in ("energy", "y"):
-        t = torch.as_tensor(value, dtype=torch.float64)
-        if t.numel() != 1 or not torch.isfinite(t).all():
+        if isinstance(value, float):  # the usual case, fast
+            return None if math.isfinite(value) else f"not one finite number ({value!r})"
+        try:
+            t = torch.as_tensor(value, dtype=torch.float64)
+        except Exception:
+            t = None
+        if t is None or t.numel() != 1 or not torch.isfinite(t).all():
             return f"not one finite number ({value!r})"
     return None
+
+
+def _dtypes(data) -> dict[str, str]:
+    """{field: type/dtype} of the tensor fields a record holds (compared across records)."""
+    keys = data._store
+    return {k: str(data[k].dtype) if isinstance(data[k], torch.Tensor) else type(data[k]).__name__
+            for k in TENSOR_FIELDS if k in keys and data[k] is not None}
+
+
+def _as_data(obj):
+    """The record as fairchem's LmdbDataset sees it (PyG 1.x pickles, as in OC20's LMDBs, converted
+    by fairchem's ``pyg2_data_transform``), or None when it is not a ``Data`` at all."""
+    from fairchem.core.common.utils import pyg2_data_transform
+    from torch_geometric.data import Data
+
+    try:
+        obj = pyg2_data_transform(obj)
+    except Exception:
+        return None
+    return obj if isinstance(obj, Data) else None
+
+
+def _record_problem(data, required: Sequence[str], aliases: dict[str, str]) -> str | None:
+    """Why one record (a ``Data``) is unusable for S2EF, or None. Labels not required are checked
+    when present."""
+    keys = _keys(data)
+    problem = _label_problem(data, "natoms", keys)
+    if problem is not None:
+        return "has no 'natoms'" if problem == "missing" else f"'natoms' is {problem}"
+    natoms = _natoms(data)
+    for field in ("pos", "atomic_numbers"):
+        problem = _label_problem(data, field, keys, natoms)
+        if problem == "missing":
+            return f"has no '{field}'"
+        if problem is not None:
+            return f"'{field}' is {problem}"
+    for field in ("cell", "tags", "fixed"):
+        if field in keys and data[field] is not None:
+            problem = _label_problem(data, field, keys, natoms)
+            if problem is not None:
+                return f"'{field}' is {problem}"
+    for key in ("energy", "forces"):
+        alt = aliases.get(key)
+        name, problem = f"'{key}'", _label_problem(data, key, keys, natoms)
+        if problem == "missing" and alt is not None:
+            name, problem = f"'{key}' (or '{alt}')", _label_problem(data, alt, keys, natoms)
+        if problem == "missing" and key not in required:
+            continue
+        if problem is not None:
+            return f"label {name} is {problem}"
+    return None
+
+
+def _sample(n: int, max_check: int | None) -> list[int]:
+    """All of ``0..n-1``, or ``max_check`` of them spread evenly (first and last included)."""
+    if max_check is None or max_check >= n:
+        return list(range(n))
+    if max_check <= 0:
+        return []
+    return sorted({int(round(x)) for x in np.linspace(0, n - 1, max_check)})
+
+
+def _metadata_natoms(path: Path) -> tuple[Path, np.ndarray] | None:
+    """``metadata.npz`` where fairchem looks for it (next to a file src, inside a folder src)."""
+    meta = (path.parent if path.is_file() else path) / "metadata.npz"
+    if not meta.is_file():
+        return None
+    try:
+        with np.load(meta, allow_pickle=False) as z:
+            return meta, np.asarray(z["natoms"])
+    except Exception as exc:
+        raise LmdbValidationError(f"{meta}: unreadable natoms ({type(exc).__name__}: {exc})") from exc
 
 
 def validate_lmdb(
@@ -228,40 +408,67 @@ def validate_lmdb(
 ) -> int:
     """Check an S2EF LMDB path before training; return the number of structures.
 
-    Raises :class:`LmdbValidationError` naming the problem: missing path, no ``*.lmdb`` files, a file
-    that is not LMDB, zero records, an unpicklable record, a record without ``pos``/``atomic_numbers``/
-    ``natoms`` or without a required label (checks the first ``max_check`` records per file; ``None``
-    = all). ``aliases`` accepts OC20's raw key names (default ``y`` for energy, ``force`` for forces).
+    Raises :class:`LmdbValidationError` naming the file and record (and the dataset index, where a
+    folder holds several files): missing path, no ``*.lmdb`` files, a file that is not LMDB or is
+    truncated, a ``length`` key that disagrees with the records, zero records, an unpicklable record,
+    a record without ``pos``/``atomic_numbers``/``natoms`` or a required label, wrong shapes, NaN/inf
+    positions or labels, int forces, non-integer atomic numbers, dtypes that differ between records,
+    and a ``metadata.npz`` whose natoms disagree with the records.
+
+    Headers, ``length`` and keys are checked in every file; records: ``max_check`` per file spread
+    evenly (first and last included), or all of them with ``None``. Labels not in ``required`` are
+    checked when present. ``aliases`` accepts OC20's raw key names (default ``y`` for energy,
+    ``force`` for forces).
     """
     aliases = {"energy": "y", "forces": "force"} if aliases is None else aliases
+    path = Path(path)
+    files = lmdb_files(path)
+    meta = _metadata_natoms(path)
     total = 0
-    for db_path in lmdb_files(path):
+    first: tuple[str, dict[str, str]] | None = None  # (where, dtypes) of the first record checked
+    for db_path in files:
         env = _open_ro(db_path)
         try:
-            n = _num_entries(env, db_path)
-            total += n
+            n = _check_keys(env, db_path)
             with env.begin() as txn:
-                for k in range(n if max_check is None else min(n, max_check)):
-                    raw = txn.get(f"{k}".encode("ascii"))
+                for k in _sample(n, max_check):
+                    gi = total + k
+                    where = f"{db_path}: record {k}" + (f" (dataset index {gi})" if gi != k else "")
+                    try:
+                        raw = txn.get(f"{k}".encode("ascii"))
+                    except lmdb.Error as exc:
+                        raise LmdbValidationError(f"{where} cannot be read ({exc}); corrupt LMDB") from exc
                     if raw is None:
-                        raise LmdbValidationError(f"{db_path}: record {k} missing (length says {n})")
+                        raise LmdbValidationError(f"{where} missing (length says {n})")
                     try:
                         data = pickle.loads(raw)
                     except Exception as exc:
-                        raise LmdbValidationError(f"{db_path}: record {k} cannot be unpickled ({exc})") from exc
-                    for field in ("pos", "atomic_numbers", "natoms"):
-                        if _label_problem(data, field) == "missing":
-                            raise LmdbValidationError(f"{db_path}: record {k} has no '{field}'")
-                    for key in required:
-                        problem = _label_problem(data, key)
-                        alt = aliases.get(key)
-                        if problem == "missing" and alt is not None:
-                            problem = _label_problem(data, alt)
-                            key = f"{key}' (or '{alt}"
-                        if problem is not None:
-                            raise LmdbValidationError(f"{db_path}: record {k} label '{key}' is {problem}")
+                        raise LmdbValidationError(f"{where} cannot be unpickled ({type(exc).__name__}: {exc})") from exc
+                    record = _as_data(data)
+                    if record is None:
+                        raise LmdbValidationError(f"{where} is a {type(data).__module__}.{type(data).__name__}, "
+                                                  "not a torch_geometric Data")
+                    data = record
+                    problem = _record_problem(data, required, aliases)
+                    if problem is not None:
+                        raise LmdbValidationError(f"{where} {problem}")
+                    dtypes = _dtypes(data)
+                    if first is None:
+                        first = (where, dtypes)
+                    for field, dt in dtypes.items():
+                        if field in first[1] and first[1][field] != dt:
+                            raise LmdbValidationError(
+                                f"{where} '{field}' is {dt} but {first[0]} has {first[1][field]} (mixed "
+                                "dtypes: batching them fails or silently changes precision; rewrite the records)")
+                    if meta is not None and gi < len(meta[1]) and int(meta[1][gi]) != _natoms(data):
+                        raise LmdbValidationError(f"{meta[0]}: natoms[{gi}] = {int(meta[1][gi])} but {where} has "
+                                                  f"{_natoms(data)} atoms (stale metadata.npz: rerun make_lmdb_sizes)")
+            total += n
         finally:
             env.close()
     if total == 0:
         raise LmdbValidationError(f"{path}: LMDB files hold no records")
+    if meta is not None and len(meta[1]) != total:
+        raise LmdbValidationError(f"{meta[0]}: natoms has {len(meta[1])} entries but the LMDB files hold {total} "
+                                  "records (stale metadata.npz: rerun make_lmdb_sizes; fairchem asserts on it)")
     return total

@@ -13,8 +13,11 @@
               leignn-oc20-data paper --src data/s2ef/200k/train --data-path data
   split     the same on any fairchem S2EF LMDB folder (e.g. the generated data/default/s2ef/train)
               leignn-oc20-data split --src DIR --out OUT [--val-frac 0.2] [--subset-frac 0.25]
-  check     validate LMDB folders before training (clear error on missing/empty/corrupt/unlabelled)
-              leignn-oc20-data check data/s2ef/all/val_id ...
+  check     validate datasets before training: LMDB folders / files, ASE databases, or every source
+            of a config; a clear error naming file and record (truncated/corrupt file, length key
+            off, missing labels, NaN/inf, mixed dtypes, ...)
+              leignn-oc20-data check data/s2ef/all/val_id my_train.db --full
+              leignn-oc20-data check --config-yml configs/s2ef/default/leignn.yml --full
 
 (``python scripts/oc20_data.py ...`` is the same command.)
 Needs internet for `download` only (dl.fbaipublicfiles.com); S2EF-200K is ~1.7 GB compressed.
@@ -29,7 +32,7 @@ from pathlib import Path
 
 from leignn_ocp.lineup import SPLITS
 
-from .lmdb_io import LmdbValidationError, validate_lmdb
+from .lmdb_io import DatasetValidationError
 from .splits import split_lmdb
 
 VAL_SPLITS = tuple(f"val_{s}" for _, s, _ in SPLITS)
@@ -145,13 +148,29 @@ def cmd_paper(a) -> int:
 
 
 def cmd_check(a) -> int:
+    from .validate import validate_dataset_config, validate_source
+
+    if not a.paths and not a.config_yml:
+        raise ValueError("check: give LMDB / ASE database paths or --config-yml")
+    max_check = None if a.full else a.sample
     bad = 0
     for p in a.paths:
         try:
-            n = validate_lmdb(p, required=tuple(a.required), max_check=None if a.full else 256)
+            n = validate_source(p, None if a.format == "auto" else a.format, required=tuple(a.required),
+                                max_check=max_check)
             print(f"[oc20_data] ok  {p}: {n} structures")
-        except LmdbValidationError as exc:
+        except DatasetValidationError as exc:
             print(f"[oc20_data] BAD {exc}", file=sys.stderr)
+            bad += 1
+    for path in a.config_yml or ():
+        from fairchem.core.common.utils import load_config
+
+        try:
+            counts = validate_dataset_config(load_config(path)[0].get("dataset") or {}, max_check=max_check,
+                                             required=tuple(a.required))
+            print(f"[oc20_data] ok  {path}: " + ", ".join(f"{k} {v} structures" for k, v in counts.items()))
+        except DatasetValidationError as exc:
+            print(f"[oc20_data] BAD {path}: {exc}", file=sys.stderr)
             bad += 1
     return 1 if bad else 0
 
@@ -195,10 +214,16 @@ def main(argv=None) -> int:
     q.add_argument("--force", action="store_true")
     q.set_defaults(func=cmd_paper)
 
-    c = sub.add_parser("check", help="validate LMDB folders")
-    c.add_argument("paths", nargs="+")
+    c = sub.add_parser("check", help="validate LMDB folders / files and ASE databases (or a config's dataset)")
+    c.add_argument("paths", nargs="*", help="LMDB folders or files, ASE databases (.db, .json, .aselmdb, folders)")
+    c.add_argument("--format", choices=("auto", "lmdb", "ase_db", "ase_read", "ase_read_multi"), default="auto",
+                   help="fairchem dataset format of the paths (auto: lmdb for *.lmdb files or folders, else ase_db)")
+    c.add_argument("--config-yml", action="append", metavar="YML",
+                   help="repeatable: check every source of this fairchem config's dataset block (train/val/test)")
     c.add_argument("--required", nargs="*", default=["energy", "forces"])
-    c.add_argument("--full", action="store_true", help="check every record, not the first 256 per file")
+    c.add_argument("--sample", type=int, default=256,
+                   help="records checked per file, spread evenly (default 256; headers and keys always in full)")
+    c.add_argument("--full", action="store_true", help="check every record")
     c.set_defaults(func=cmd_check)
 
     a = p.parse_args(argv)
