@@ -22,7 +22,7 @@ from ase import Atoms
 from ase.build import add_adsorbate, bcc110, bulk, fcc100, fcc111, molecule
 
 from leignn_ocp.batching import atoms_to_batch
-from leignn_ocp.testing import predict, random_orthogonal, roundoff_tol, transformed
+from leignn_ocp.testing import predict, random_orthogonal, roundoff_tol, transform_case, transformed
 
 CUTOFF = 4.0  # Å: small, so that the cases stay cheap; the checks scale with it
 ELEMENTS = ["H", "C", "N", "O", "F", "S", "Cl", "Cu", "Pt", "Fe", "Na", "Si"]
@@ -128,14 +128,7 @@ def _symmetric(model, atoms: Atoms, dtype, rng, kinds=("rotation", "reflection",
     e0, f0 = predict(model, atoms, dtype)
     _finite(e0, f0)
     kind = kinds[int(rng.integers(len(kinds)))]
-    if kind in ("rotation", "reflection"):
-        q = random_orthogonal(int(rng.integers(1 << 30)), reflect=kind == "reflection")
-        a, expected = transformed(atoms, q=q), f0 @ torch.as_tensor(q.T, dtype=f0.dtype)
-    elif kind == "translation":
-        a, expected = transformed(atoms, shift=rng.normal(size=3) * 5.0), f0
-    else:
-        perm = rng.permutation(len(atoms))
-        a, expected = transformed(atoms, perm=perm), f0[perm]
+    a, expected = transform_case(atoms, f0, kind, rng, shift=5.0)
     e, f = predict(model, a, dtype)
     _finite(e, f)
     err = max(_close(e, e0, dtype, 2000), _close(f, expected, dtype, 2000))

@@ -258,6 +258,21 @@ def transformed(atoms: Atoms, q=None, shift=None, perm=None) -> Atoms:
     return a
 
 
+def transform_case(atoms: Atoms, forces: torch.Tensor, kind: str, rng: np.random.Generator,
+                   q_seed: int | None = None, shift: float = 3.0) -> tuple[Atoms, torch.Tensor]:
+    """``atoms`` under one random transform of ``kind`` and the forces it must then give: rotated
+    (reflected) with the structure, unchanged by a translation (``shift`` Å scale), permuted with it.
+    ``q_seed``: the orthogonal matrix's seed (default: drawn from ``rng``)."""
+    if kind in ("rotation", "reflection"):
+        seed = int(rng.integers(1 << 30)) if q_seed is None else q_seed
+        q = random_orthogonal(seed, reflect=kind == "reflection")
+        return transformed(atoms, q=q), forces @ torch.as_tensor(q.T, dtype=forces.dtype)
+    if kind == "translation":
+        return transformed(atoms, shift=rng.normal(size=3) * shift), forces
+    perm = rng.permutation(len(atoms))
+    return transformed(atoms, perm=perm), forces[perm]
+
+
 def symmetry_errors(model, atoms: Atoms, kind: str, dtype: torch.dtype = torch.float64, samples: int = 2):
     """Max |dE| and max |dF| (forces transformed back) over ``samples`` random transforms of one
     ``kind`` in :data:`SYMMETRIES`; also the untransformed energy and forces."""
@@ -267,14 +282,7 @@ def symmetry_errors(model, atoms: Atoms, kind: str, dtype: torch.dtype = torch.f
     rng = np.random.default_rng(0)
     de = df = 0.0
     for k in range(samples):
-        if kind in ("rotation", "reflection"):
-            q = random_orthogonal(k, reflect=kind == "reflection")
-            a, expected = transformed(atoms, q=q), f0 @ torch.as_tensor(q.T, dtype=f0.dtype)
-        elif kind == "translation":
-            a, expected = transformed(atoms, shift=rng.normal(size=3) * 3.0), f0
-        else:
-            perm = rng.permutation(len(atoms))
-            a, expected = transformed(atoms, perm=perm), f0[perm]
+        a, expected = transform_case(atoms, f0, kind, rng, q_seed=k)
         e, f = predict(model, a, dtype)
         de = max(de, (e - e0).abs().max().item())
         df = max(df, (f - expected).abs().max().item())
