@@ -19,6 +19,7 @@ import torch
 from leignn_ocp import lineup
 from leignn_ocp.benchmark import DEFAULT_MODELS, Runner, load_recipe, make_batch, oc20_like_structures
 from leignn_ocp.benchmark.cli import main
+from leignn_ocp.benchmark.report import BREAKDOWN_FILES, FILES
 from leignn_ocp.model import LEIGNN
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,3 +153,123 @@ def test_compiled_inference_equals_eager():
         torch.testing.assert_close(o["energy"], ref["energy"], rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(o["forces"], ref["forces"], rtol=1e-5, atol=1e-5)
     assert ref["forces"].abs().max() > 1e-4
+
+
+# --------------------------------------------------------------------------- the small end (issue 17)
+
+SMALL_MODELS = ("leignn", "painn_direct", "schnet")
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("small")
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "leignn_ocp.benchmark", "--regime", "small", "--tiny", "--repeats", "7",
+         "--no-memory", "--config-dir", "configs/s2ef/default", "--out", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def test_small_regime_breakdown_has_finite_phases_that_add_up_to_the_step(small_run):
+    from leignn_ocp.benchmark.profile import INFER_PHASES, TRAIN_PHASES
+
+    with open(small_run / "breakdown.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["workload"], r["model"], r["mode"]) for r in rows] == [
+        (w, m, mode) for w in ("molecules", "cells") for m in SMALL_MODELS for mode in ("train", "infer")]
+    for r in rows:
+        where = (r["workload"], r["model"], r["mode"])
+        phases = TRAIN_PHASES if r["mode"] == "train" else INFER_PHASES
+        for p in phases:
+            assert _finite(r[f"{p}_ms"]) and float(r[f"{p}_ms"]) >= 0, (where, p, r[f"{p}_ms"])
+        for p in set(TRAIN_PHASES) - set(phases):  # inference has no loss, backward, optimizer
+            assert r[f"{p}_ms"] == "", (where, p)
+        step, total = float(r["step_ms"]), float(r["phases_sum_ms"])
+        assert step > 0 and abs(total - sum(float(r[f"{p}_ms"]) for p in phases)) < 1e-6 * step
+        # the labels cover the step: "other" (freeing the step's tensors, Python between labels) is
+        # small; 1 ms more for a step another process preempted there (tiny steps, shared machine)
+        assert abs(total - step) <= 0.10 * step + 1.0, (where, total, step)
+        assert float(r["graph_ms"]) > 0 and float(r["model_ms"]) > 0, where
+        # LEIGNN runs leignn_ocp.checks; fairchem's SchNet and PaiNN check nothing
+        assert (float(r["input_checks_ms"]) > 0) is (r["model"] == "leignn"), where
+        for k in ("round_robin_ms", "profiled_step_ms"):
+            assert _finite(r[k]) and float(r[k]) > 0, (where, k)
+    md = (small_run / "breakdown.md").read_text()
+    assert "## molecules, configs/s2ef/default: training step" in md
+    assert "## cells, configs/s2ef/default: inference" in md
+    png = (small_run / "breakdown.png").read_bytes()
+    assert len(png) > 1000 and png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_small_regime_writes_a_run_folder_per_workload_with_profiler_tables(small_run):
+    for workload, n_atoms, infer_atoms in (("molecules", 18, 9), ("cells", 4, 2)):
+        folder = small_run / f"{workload}_default"
+        for name in (*FILES, *BREAKDOWN_FILES):
+            assert (folder / name).is_file(), (folder, name)
+        with open(folder / "breakdown.csv") as f:
+            assert {r["workload"] for r in csv.DictReader(f)} == {workload}
+        meta = json.loads((folder / "benchmark.json").read_text())["meta"]
+        assert (meta["workload"], meta["batch_structures"], meta["batch_atoms"]) == (workload, 2, n_atoms)
+        assert (meta["infer_batch_structures"], meta["infer_batch_atoms"]) == (1, infer_atoms)  # the MD case
+        assert meta["pbc_override"] is (False if workload == "molecules" else None)
+        with open(folder / "benchmark.csv") as f:
+            assert [r["model"] for r in csv.DictReader(f)] == list(SMALL_MODELS)
+        for model in SMALL_MODELS:
+            for mode in ("train", "infer"):
+                table = (folder / f"profile_{model}_{mode}.txt").read_text()
+                assert "Self CPU" in table and "bench::forward" in table and "bench::graph" in table, (model, mode)
+                assert ("bench::backward" in table) is (mode == "train")
+                assert ("bench::input_checks" in table) is (model == "leignn")
+
+
+def test_small_workload_structures():
+    from leignn_ocp.benchmark.structures import small_cells, small_molecules, workload_structures
+
+    mols = small_molecules(9)
+    assert sorted(len(a) for a in mols) == [9, 9, 10, 11, 12, 13, 14, 16, 22]
+    assert not any(a.pbc.any() for a in mols) and all(a.cell.rank == 0 for a in mols)
+    cells = small_cells(9)
+    assert sorted(len(a) for a in cells) == [2, 2, 2, 2, 4, 8, 8, 16, 24]
+    assert all(a.pbc.all() and a.cell.rank == 3 for a in cells)
+    assert [len(a) for a in small_molecules(3, tiny=True)] == [9, 9, 9]
+    assert [len(a) for a in small_cells(3, tiny=True)] == [2, 2, 2]
+    with pytest.raises(ValueError, match=r"unknown workload 'md17'; choose from \['oc20', 'molecules', 'cells'\]"):
+        workload_structures("md17", 2)
+
+
+def test_phase_clock_counts_each_label_once_and_the_wrappers_are_restored():
+    from fairchem.core.models.base import GraphModelMixin
+
+    from leignn_ocp import model as leignn_model
+    from leignn_ocp.benchmark import profile
+
+    original = (GraphModelMixin.generate_graph, leignn_model.check_input)
+
+    def step():
+        with profile.phase("forward"):
+            time.sleep(0.02)
+            with profile.phase("graph"):  # nested: the forward's own time excludes it
+                time.sleep(0.06)
+
+    with profile.instrumented("cpu"):
+        assert GraphModelMixin.generate_graph is not original[0]
+        assert leignn_model.check_input.__wrapped__ is original[1]
+        dt, totals = profile.timed_phases(step, torch.device("cpu"))
+    assert (GraphModelMixin.generate_graph, leignn_model.check_input) == original
+    assert set(totals) == {"forward", "graph"}
+    # counted inclusively the forward would be >= 0.08 s; sleeps may overshoot on a busy machine
+    assert 0.02 <= totals["forward"] < 0.06 and totals["graph"] >= 0.06
+    parts = profile.split(totals, dt, train=False)
+    assert parts["model"] == totals["forward"] and parts["input_checks"] == 0.0
+    assert abs(sum(parts.values()) - dt) < 1e-9
+    assert profile.phase("forward") is profile._null  # free outside instrumented()
+
+
+def test_bad_batch_size_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--tiny", "--workload", "molecules", "--infer-batch-size", "0", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "--infer-batch-size must be at least 1, got 0" in capsys.readouterr().err

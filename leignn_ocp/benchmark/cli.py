@@ -21,10 +21,22 @@ every model. Medians of wall-clock time, and of process CPU time as a second tab
     leignn-benchmark                                  # CPU, defaults (~5 min)
     leignn-benchmark --device cuda --batch-size 32 --repeats 20
     leignn-benchmark --tiny --out /tmp/x              # seconds; what the tests run
+    leignn-benchmark --regime small                   # molecules + small cells, default + 200k sizes (~3 min)
+
+The small end (``--workload molecules|cells``, or ``--regime small`` for both at the
+configs/s2ef/default and configs/s2ef/200k sizes): LEIGNN, PaiNN (direct forces) and SchNet
+train on 8 small structures and infer on one (the MD case, ``--infer-batch-size``), and every
+step is split into graph construction, input checks, the model's own compute, loss, backward
+and optimizer step (leignn_ocp.benchmark.profile), with a torch.profiler op table per model and
+mode.
 
 (also ``python -m leignn_ocp.benchmark`` and ``python scripts/benchmark_efficiency.py``).
-Outputs in --out (default results/efficiency/<device>): benchmark.csv, benchmark.md,
-benchmark.png (Fig. 4 style), benchmark.json (raw timings).
+Outputs in --out (default results/efficiency/<device>; small workloads
+results/efficiency/<device>/<workload>_<config folder>, --regime small
+results/efficiency/<device>/small with one such folder per run): benchmark.csv, benchmark.md,
+benchmark.png (Fig. 4 style), benchmark.json (raw timings); with the breakdown also
+breakdown.csv, breakdown.md, breakdown.png and profile_<model>_<train|infer>.txt (a regime writes
+one breakdown of all its runs at its top).
 """
 
 from __future__ import annotations
@@ -38,26 +50,46 @@ from pathlib import Path
 
 from leignn_ocp import lineup
 from leignn_ocp.benchmark.harness import DEFAULT_CONFIG_DIR, DEFAULT_MODELS, Settings, run_benchmark, tune_malloc
-from leignn_ocp.benchmark.report import write_outputs
+from leignn_ocp.benchmark.report import write_breakdown, write_outputs
+from leignn_ocp.benchmark.structures import WORKLOADS
+
+SMALL_MODELS = ("leignn", "painn_direct", "schnet")
+SMALL_CONFIG_DIRS = ("configs/s2ef/default", "configs/s2ef/200k")
+REGIMES = {"small": ("molecules", "cells")}
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="leignn-benchmark", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--models", default=",".join(DEFAULT_MODELS),
-                   help="comma-separated subset of: " + ",".join(DEFAULT_MODELS) + " (LEIGNN is always run)")
-    p.add_argument("--config-dir", default=DEFAULT_CONFIG_DIR,
+    p.add_argument("--models", default=None,
+                   help="comma-separated subset of: " + ",".join(DEFAULT_MODELS) + " (LEIGNN is always run; "
+                        "default all, small workloads " + ",".join(SMALL_MODELS) + ")")
+    p.add_argument("--config-dir", default=None,
                    help="folder with one <model>.yml per line-up entry, relative to the working directory "
-                        "(default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=None, help="structures per batch (default: 2 on CPU, 32 on CUDA)")
+                        f"(default {DEFAULT_CONFIG_DIR}; --regime small: {','.join(SMALL_CONFIG_DIRS)}); "
+                        "comma-separated folders are run one after the other")
+    p.add_argument("--workload", default="oc20", choices=WORKLOADS,
+                   help="oc20: OC20-like slabs (default); molecules: 9-22 atom molecules; cells: 2-24 atom bulk cells")
+    p.add_argument("--regime", default=None, choices=sorted(REGIMES),
+                   help="small: the molecules and cells workloads (overrides --workload)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="structures per training batch (default: 2 on CPU, 32 on CUDA; small workloads 8 / 64)")
+    p.add_argument("--infer-batch-size", type=int, default=None,
+                   help="structures per inference batch (default: the training batch; small workloads 1, the MD case)")
+    p.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=None,
+                   help="time per phase + torch.profiler tables (default: on for small workloads)")
+    p.add_argument("--profile-steps", type=int, default=None,
+                   help="steps per model and mode under torch.profiler (default 5, tiny 1)")
     p.add_argument("--repeats", type=int, default=None, help="timed round-robin repeats (default: 7 CPU, 20 CUDA)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed round-robin repeats first (default: 1 CPU, 5 CUDA)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed round-robin repeats first (default: 1 CPU, 5 CUDA)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: 1 on CPU, see above; 0 = torch's default)")
     p.add_argument("--no-malloc-tuning", action="store_true",
                    help="CPU: keep glibc's default allocator settings (see harness.tune_malloc)")
-    p.add_argument("--matmul-n", type=int, default=None, help="size of the reference matmul (default 2048; 8192 on CUDA)")
+    p.add_argument("--matmul-n", type=int, default=None,
+                   help="size of the reference matmul (default 2048; 8192 on CUDA)")
     p.add_argument("--compile", action="store_true", help="also time LEIGNN inference under torch.compile")
     p.add_argument("--fragment", action="store_true",
                    help="also time LEIGNN with global_scope: fragment (globals per connected component)")
@@ -72,18 +104,38 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def settings_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Settings:
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
+def runs_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> list[Settings]:
+    """One Settings per (workload, config folder) the arguments ask for, in run order."""
+    for flag in ("batch_size", "infer_batch_size", "profile_steps", "repeats"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    workloads = REGIMES[args.regime] if args.regime else (args.workload,)
+    if args.config_dir:
+        dirs = [d.strip() for d in args.config_dir.split(",") if d.strip()]
+    else:
+        dirs = list(SMALL_CONFIG_DIRS) if args.regime else [DEFAULT_CONFIG_DIR]
+    for d in dirs:
+        if not Path(d).is_dir():
+            p.error(f"--config-dir {d}: no such folder (relative to {Path.cwd()}); run from "
+                    f"the repository root or pass the configs folder, e.g. --config-dir <repo>/{DEFAULT_CONFIG_DIR}")
+    small = all(w != "oc20" for w in workloads)
+    names = args.models or ",".join(SMALL_MODELS if small else DEFAULT_MODELS)
+    models = [m.strip() for m in names.split(",") if m.strip()]
     unknown = [m for m in models if not _known(m)]
     if unknown:
         p.error(f"unknown models {unknown}; choose from {list(DEFAULT_MODELS)}")
-    if not Path(args.config_dir).is_dir():
-        p.error(f"--config-dir {args.config_dir}: no such folder (relative to {Path.cwd()}); run from "
-                f"the repository root or pass the configs folder, e.g. --config-dir <repo>/{DEFAULT_CONFIG_DIR}")
-    return Settings(device=args.device, models=tuple(models), config_dir=args.config_dir,
-                    batch_size=args.batch_size, repeats=args.repeats, warmup=args.warmup,
-                    matmul_n=args.matmul_n, compile=args.compile, fragment=args.fragment, amp=args.amp, amp_dtype=args.amp_dtype,
-                    memory=not args.no_memory, seed=args.seed, tiny=args.tiny)
+    return [Settings(device=args.device, models=tuple(models), config_dir=d,
+                     batch_size=args.batch_size, repeats=args.repeats, warmup=args.warmup,
+                     matmul_n=args.matmul_n, compile=args.compile, fragment=args.fragment, amp=args.amp,
+                     amp_dtype=args.amp_dtype, memory=not args.no_memory, seed=args.seed, tiny=args.tiny,
+                     workload=w, infer_batch_size=args.infer_batch_size, breakdown=args.breakdown,
+                     profile_steps=args.profile_steps)
+            for w in workloads for d in dirs]
+
+
+def run_folder(s: Settings, several: bool) -> str:
+    """Subfolder of one run: "" for a single OC20 run, else <workload>_<config folder name>."""
+    return f"{s.workload}_{Path(s.config_dir).name}" if several or s.workload != "oc20" else ""
 
 
 def _known(name: str) -> bool:
@@ -101,7 +153,7 @@ def log(msg: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    settings = settings_from_args(args, p)
+    runs = runs_from_args(args, p)
     argv = sys.argv[1:] if argv is None else list(argv)
 
     import torch
@@ -115,15 +167,29 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)
     malloc_tuned = not cuda and not args.no_malloc_tuning and tune_malloc()
 
-    try:
-        result = run_benchmark(settings, log=log, command=" ".join(["leignn-benchmark", *argv]),
-                               malloc_tuned=malloc_tuned)
-    except FileNotFoundError as err:  # a config missing from --config-dir
-        p.error(str(err))
-    out = Path(args.out or Path("results") / "efficiency" / args.device.replace(":", ""))
-    write_outputs(out, result.rows, result.meta, result.raw)
-    print((out / "benchmark.md").read_text())
-    log(f"wrote {out}/benchmark.{{csv,md,png,json}}")
+    out = Path(args.out or Path("results") / "efficiency" / args.device.replace(":", "")
+               / ("small" if args.regime == "small" else ""))
+    several = len(runs) > 1
+    breakdown = []
+    for s in runs:
+        if several:
+            log(f"run: {s.workload} at {s.config_dir}")
+        try:
+            result = run_benchmark(s, log=log, command=" ".join(["leignn-benchmark", *argv]),
+                                   malloc_tuned=malloc_tuned)
+        except FileNotFoundError as err:  # a config missing from --config-dir
+            p.error(str(err))
+        folder = out / run_folder(s, several)
+        write_outputs(folder, result.rows, result.meta, result.raw, result.breakdown, result.profiles)
+        breakdown += result.breakdown
+        print((folder / "benchmark.md").read_text())
+        if result.breakdown:
+            print((folder / "breakdown.md").read_text())
+        log(f"wrote {folder}/benchmark.{{csv,md,png,json}}"
+            + (", breakdown.{csv,md,png}, profile_*.txt" if result.breakdown else ""))
+    if several and breakdown:
+        write_breakdown(out, breakdown, f"{result.meta['device_name']}")
+        log(f"wrote {out}/breakdown.{{csv,md,png}} (all runs)")
     return 0
 
 

@@ -4,7 +4,9 @@ A :class:`Runner` holds one model built from its config (``configs/s2ef/<size>/<
 by fairchem's loader, the model from fairchem's registry), the loss functions and optimizer
 fairchem's trainer would build from the same config, and the batch it is timed on. The
 probes (:func:`timed`, :func:`peak_memory_bytes`, :class:`MatmulProbe`, FLOP counting) know
-nothing about models; :func:`run_benchmark` is the round-robin loop that ties them together.
+nothing about models; :func:`run_benchmark` is the round-robin loop that ties them together,
+and :func:`phase_breakdown` the per-phase timing and profiler tables of the small-structure
+workloads (labels from :mod:`leignn_ocp.benchmark.profile`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from leignn_ocp import lineup, ops
-from leignn_ocp.benchmark.structures import make_batch, oc20_like_structures
+from leignn_ocp.benchmark import profile as bench_profile
+from leignn_ocp.benchmark.profile import phase
+from leignn_ocp.benchmark.structures import make_batch, workload_structures
 from leignn_ocp.checks import check_input
 
 DEFAULT_CONFIG_DIR = "configs/s2ef/200k"
@@ -212,6 +216,7 @@ class Runner:
     amp_dtype: torch.dtype = torch.bfloat16
     compiled: Callable | None = None
     fused_optimizer: bool = True
+    infer_batch: object = None  # what infer() runs on; None: ``batch`` (the MD case: one structure)
     scale_factors: int = field(default=0, init=False)  # ScaleFactors fitted by build()
 
     def __post_init__(self) -> None:
@@ -241,11 +246,15 @@ class Runner:
 
     def sibling(self, **kw) -> Runner:
         """Another runner on the same model and batch (own optimizer), e.g. under autocast."""
-        return Runner(self.recipe, self.model, self.batch, self.device, **kw)
+        return Runner(self.recipe, self.model, self.batch, self.device, infer_batch=self.infer_batch, **kw)
 
     def fresh_batch(self):
         """A copy of the batch: models set ``pos.requires_grad_`` in place."""
         return self.batch.clone()
+
+    def fresh_infer_batch(self):
+        """A copy of the inference batch."""
+        return (self.batch if self.infer_batch is None else self.infer_batch).clone()
 
     def _autocast(self):
         if self.amp:
@@ -274,34 +283,49 @@ class Runner:
         return sum(terms)
 
     def train_step(self, batch=None) -> float:
-        self.model.train()
+        """One training step; its phases labelled for :mod:`leignn_ocp.benchmark.profile` (free
+        outside its ``instrumented`` context). ``Module.train`` walks every submodule in Python
+        (~0.1 ms): done only when the mode changes."""
+        if not self.model.training:
+            self.model.train()
         batch = self.fresh_batch() if batch is None else batch
-        self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
+        with phase("zero_grad"):
+            self.optimizer.zero_grad(set_to_none=True)
+        with phase("forward"), self._autocast():
             out = self.model(batch)
-        loss = self.loss(out, batch)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
-        if self.clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(self.clip))
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        return float(loss.detach())
+        with phase("loss"):
+            loss = self.loss(out, batch)
+        with phase("backward"):
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
+            else:
+                loss.backward()
+        with phase("optimizer"):
+            if self.clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(self.clip))
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            value = float(loss.detach())
+        with phase("release"):  # the step's autograd graph and outputs freed here, not after return
+            del out, loss
+        return value
 
     def infer(self, batch=None) -> dict[str, torch.Tensor]:
-        self.model.eval()
-        batch = self.fresh_batch() if batch is None else batch
+        if self.model.training:  # as in train_step: a 1-structure MD step should not pay for it
+            self.model.eval()
+        batch = self.fresh_infer_batch() if batch is None else batch
         fn = self.compiled or self.model
         grad = torch.enable_grad() if self.recipe.conservative else torch.no_grad()  # -dE/dx needs autograd
-        with grad, self._autocast():
+        with grad, self._autocast(), phase("forward"):
             out = fn(batch)
-        return {k: v.detach() for k, v in out.items()}
+        result = {k: v.detach() for k, v in out.items()}
+        with phase("release"):  # an energy-gradient model's autograd graph is freed here
+            del out
+        return result
 
     # FLOPs: torch's FlopCounterMode counts the matmul/bmm/conv family only; elementwise ops,
     # gathers and scatters are not counted.
@@ -461,13 +485,26 @@ class Settings:
     memory: bool = True
     seed: int = 0
     tiny: bool = False
+    workload: str = "oc20"  # structures.WORKLOADS
+    infer_batch_size: int | None = None
+    breakdown: bool | None = None  # per-phase times + profiler tables (default: on for small workloads)
+    profile_steps: int | None = None
 
     def resolved(self) -> Settings:
         """Defaults filled in: CPU 2 structures x 7 repeats after 1 warm-up, CUDA 32 x 20 after 5,
-        ``tiny`` 1 x 1 without warm-up; models as line-up keys with LEIGNN first."""
+        ``tiny`` 1 x 1 without warm-up; models as line-up keys with LEIGNN first. Small workloads
+        (molecules, cells) train on 8 structures (CUDA 64, tiny 2) and infer on 1 (the MD case);
+        OC20-like ones infer on the training batch."""
         cuda = self.device.startswith("cuda")
         s = copy.copy(self)
+        small = s.workload != "oc20"
+        if small:
+            s.batch_size = s.batch_size or (2 if s.tiny else (64 if cuda else 8))
+            s.infer_batch_size = s.infer_batch_size or 1
+        s.breakdown = small if s.breakdown is None else s.breakdown
+        s.profile_steps = s.profile_steps or (1 if s.tiny else 5)
         s.batch_size = s.batch_size or (1 if s.tiny else (32 if cuda else 2))
+        s.infer_batch_size = s.infer_batch_size or s.batch_size
         s.repeats = s.repeats or (1 if s.tiny else (20 if cuda else 7))
         s.warmup = s.warmup if s.warmup is not None else (0 if s.tiny else (5 if cuda else 1))
         s.matmul_n = s.matmul_n or (128 if s.tiny else (8192 if cuda else 2048))
@@ -484,6 +521,8 @@ class Result:
     rows: list[dict]  # one per model, report.COLUMNS and more
     meta: dict
     raw: dict  # every timing, (wall s, CPU s) per repeat
+    breakdown: list[dict] = field(default_factory=list)  # one per (model, train|infer): ms per phase
+    profiles: dict[str, str] = field(default_factory=dict)  # "<model>_<train|infer>" -> profiler table
 
 
 def run_benchmark(settings: Settings, log: Callable[[str], None] = print, command: str = "",
@@ -496,16 +535,25 @@ def run_benchmark(settings: Settings, log: Callable[[str], None] = print, comman
     device = torch.device(s.device)
     torch.manual_seed(s.seed)
 
-    atoms = oc20_like_structures(s.batch_size, seed=s.seed, tiny=s.tiny)
+    atoms = workload_structures(s.workload, s.batch_size, seed=s.seed, tiny=s.tiny)
     batch = make_batch(atoms, device)
     n_atoms = int(batch.pos.shape[0])
-    log(f"{len(atoms)} structures, {n_atoms} atoms on {device}; models: {', '.join(s.models)}")
+    if s.infer_batch_size == s.batch_size:
+        infer_atoms, infer_batch = atoms, None
+    else:  # the first structures of the same workload
+        infer_atoms = workload_structures(s.workload, s.infer_batch_size, seed=s.seed, tiny=s.tiny)
+        infer_batch = make_batch(infer_atoms, device)
+    n_infer_atoms = sum(len(a) for a in infer_atoms)
+    log(f"{s.workload}: {len(atoms)} structures, {n_atoms} atoms on {device} (inference: {len(infer_atoms)} "
+        f"structure(s), {n_infer_atoms} atoms); models: {', '.join(s.models)}")
+    # molecules go through every model's non-periodic path, as in MD17 training
+    overrides = {"use_pbc": False} if s.workload == "molecules" else {}
 
     runners: dict[str, Runner] = {}
     rows: dict[str, dict] = {}
     for key in s.models:
-        recipe = load_recipe(key, s.config_dir, tiny=s.tiny)
-        r = runners[key] = Runner.build(recipe, batch, device, seed=s.seed)
+        recipe = load_recipe(key, s.config_dir, tiny=s.tiny, overrides=overrides)
+        r = runners[key] = Runner.build(recipe, batch, device, seed=s.seed, infer_batch=infer_batch)
         rows[key] = {"model": key, "label": recipe.label, "params": lineup.count_params(r.model),
                      "edges": num_edges(r.model, batch)}
         log(f"built {recipe.label}: {rows[key]['params']:,} params, {rows[key]['edges']:,} edges"
@@ -544,7 +592,7 @@ def run_benchmark(settings: Settings, log: Callable[[str], None] = print, comman
     if s.fragment:  # the same weights with the globals per connected component
         model = copy.deepcopy(leignn.model)
         model.global_scope = "fragment"
-        r = Runner(leignn.recipe, model, batch, device)
+        r = Runner(leignn.recipe, model, batch, device, infer_batch=infer_batch)
         ref, out = leignn.infer(), r.infer()
         err = (out["forces"] - ref["forces"]).abs().max().item()
         src, dst = model.generate_graph(batch.clone()).edge_index
@@ -556,8 +604,16 @@ def run_benchmark(settings: Settings, log: Callable[[str], None] = print, comman
                                    "label": f"{leignn.recipe.label} (global_scope: fragment)"}
 
     for key, r in runners.items():
-        rows[key]["gflop_fwd"] = r.flops_forward() / 1e9
-        rows[key]["gflop_train"] = r.flops_train() / 1e9
+        try:
+            rows[key]["gflop_fwd"] = r.flops_forward() / 1e9
+            rows[key]["gflop_train"] = r.flops_train() / 1e9
+        except RuntimeError as err:  # FlopCounterMode's module hooks vs autograd.grad of a leaf input
+            if key == "leignn":
+                raise
+            rows[key]["gflop_fwd"] = rows[key]["gflop_train"] = None
+            r.optimizer.zero_grad(set_to_none=True)
+            notes.append(f"{r.recipe.label}: FLOPs not counted on this workload (torch's FlopCounterMode "
+                         f"fails on its forward: {str(err).splitlines()[0]})")
     for key in extra:
         rows[key]["gflop_fwd"] = rows["leignn"]["gflop_fwd"]
         rows[key]["gflop_train"] = None if key == "leignn_compiled" else rows["leignn"]["gflop_train"]
@@ -574,12 +630,13 @@ def run_benchmark(settings: Settings, log: Callable[[str], None] = print, comman
         record = rep >= s.warmup
         k = rep % len(names)
         order = names[k:] + names[:k]
-        for phase, times, members in (("train", t_train, trains), ("infer", t_infer, names)):
+        for mode, times, members in (("train", t_train, trains), ("infer", t_infer, names)):
             for name in order:
                 if name not in members:
                     continue
-                r, b = every[name], every[name].fresh_batch()
-                step = r.train_step if phase == "train" else r.infer
+                r = every[name]
+                b = r.fresh_batch() if mode == "train" else r.fresh_infer_batch()
+                step = r.train_step if mode == "train" else r.infer
                 dt = timed(lambda: step(b), device)
                 if record:
                     times[name].append(dt)
@@ -595,15 +652,19 @@ def run_benchmark(settings: Settings, log: Callable[[str], None] = print, comman
     # the input checks every LEIGNN forward runs (leignn_ocp.checks), alone: all of them, and
     # without the close-pair search (min_distance=0)
     m = leignn.model
-    t_checks = {md: [timed(lambda: check_input(batch, model="LEIGNN", use_pbc=m.use_pbc, cutoff=m.cutoff,
+    check_batch = batch if infer_batch is None else infer_batch  # the batch its inference runs on
+    t_checks = {md: [timed(lambda: check_input(check_batch, model="LEIGNN", use_pbc=m.use_pbc, cutoff=m.cutoff,
                                                  num_elements=m.num_elements, min_distance=md,
                                                  max_images=m.max_images), device)[0]
                          for _ in range(max(s.repeats, 3))]
                 for md in (m.min_distance, 0.0)}
     checks_ms, flags_ms = 1e3 * median(t_checks[m.min_distance]), 1e3 * median(t_checks[0.0])
-    notes.append(f"LEIGNN's input checks (leignn_ocp.checks) on this batch: {checks_ms:.2f} ms, of which the "
+    on = "this batch" if infer_batch is None else f"the inference batch ({len(infer_atoms)} structure(s))"
+    notes.append(f"LEIGNN's input checks (leignn_ocp.checks) on {on}: {checks_ms:.2f} ms, of which the "
                  f"close-pair search at min_distance={m.min_distance} Å {checks_ms - flags_ms:.2f} ms; "
                  f"{100 * checks_ms / (1e3 * median([t[0] for t in t_infer['leignn']])):.1f} % of its inference.")
+
+    breakdown, profiles = (phase_breakdown(runners, s, device, log) if s.breakdown else ([], {}))
 
     if device.type == "cuda":
         mem_method = ("torch.cuda.max_memory_allocated during one call minus the allocated memory "
@@ -620,7 +681,7 @@ def run_benchmark(settings: Settings, log: Callable[[str], None] = print, comman
         if name in trains:
             b = r.fresh_batch()
             rows[name]["peak_mem_train_mb"] = peak_memory_bytes(lambda: r.train_step(b), device) / 2**20
-        b = r.fresh_batch()
+        b = r.fresh_infer_batch()
         rows[name]["peak_mem_infer_mb"] = peak_memory_bytes(lambda: r.infer(b), device) / 2**20
     if s.memory:
         log("memory probed")
@@ -635,7 +696,7 @@ def run_benchmark(settings: Settings, log: Callable[[str], None] = print, comman
         tr_cpu, ti_cpu = med(t_train[name], 1), med(t_infer[name], 1)
         rows[name].update({
             "train_ms": 1e3 * tr, "infer_ms": 1e3 * ti,
-            "train_atoms_per_s": n_atoms / tr, "infer_atoms_per_s": n_atoms / ti,
+            "train_atoms_per_s": n_atoms / tr, "infer_atoms_per_s": n_infer_atoms / ti,
             "train_x_leignn": tr / lt, "infer_x_leignn": ti / li,
             "train_cpu_ms": 1e3 * tr_cpu, "infer_cpu_ms": 1e3 * ti_cpu,
             "train_cpu_x_leignn": tr_cpu / lt_cpu, "infer_cpu_x_leignn": ti_cpu / li_cpu,
@@ -650,7 +711,9 @@ def run_benchmark(settings: Settings, log: Callable[[str], None] = print, comman
         "device_short": "GPU" if device.type == "cuda" else f"CPU ({torch.get_num_threads()} thread(s))",
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "config_dir": os.fspath(s.config_dir),
-        "batch_structures": len(atoms), "batch_atoms": n_atoms,
+        "batch_structures": len(atoms), "batch_atoms": n_atoms, "workload": s.workload,
+        "infer_batch_structures": len(infer_atoms), "infer_batch_atoms": n_infer_atoms,
+        "pbc_override": overrides.get("use_pbc"),
         "repeats": s.repeats, "warmup": s.warmup, "tiny": s.tiny,
         "matmul_n": s.matmul_n, "matmul_gflops": mm / 1e9,
         "leignn_train_gflop": rows["leignn"]["gflop_train"], "leignn_train_ms": 1e3 * lt,
@@ -662,4 +725,51 @@ def run_benchmark(settings: Settings, log: Callable[[str], None] = print, comman
         "time_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
     }
     raw = {"train_wall_cpu_s": t_train, "infer_wall_cpu_s": t_infer, "matmul_wall_cpu_s": t_mm}
-    return Result([rows[n] for n in names], meta, raw)
+    for b in breakdown:  # the round-robin's median next to the breakdown's own
+        b["round_robin_ms"] = rows[b["model"]][f"{b['mode']}_ms"]
+    return Result([rows[n] for n in names], meta, raw, breakdown, profiles)
+
+
+def phase_breakdown(runners: dict[str, Runner], s: Settings, device: torch.device,
+                    log: Callable[[str], None] = print) -> tuple[list[dict], dict[str, str]]:
+    """Per-phase wall-clock ms of every model's training step and inference (``max(repeats, 3)``
+    instrumented steps, round-robin over the models after one untimed step each; means over the
+    middle half of them by step time), then ``profile_steps`` steps of each under torch.profiler
+    for its op table (:mod:`leignn_ocp.benchmark.profile`). Returns (rows, {"<model>_<mode>": table})."""
+    n = max(s.repeats, 3)
+    samples: dict[tuple[str, str], list] = {(k, m): [] for k in runners for m in ("train", "infer")}
+    profiles: dict[str, str] = {}
+    profiled: dict[tuple[str, str], dict] = {}
+    with bench_profile.instrumented(device):
+        # all training steps first, then all inference (no train/eval switch inside a timed step)
+        for mode, rep, key in ((m, i, k) for m in ("train", "infer") for i in range(n + 1) for k in runners):
+            r = runners[key]
+            b = r.fresh_batch() if mode == "train" else r.fresh_infer_batch()
+            step = r.train_step if mode == "train" else r.infer
+            dt, totals = bench_profile.timed_phases(lambda: step(b), device)
+            if rep:  # the first round warms the wrappers' paths and switches the mode
+                samples[key, mode].append((dt, bench_profile.split(totals, dt, mode == "train")))
+        for key, mode in samples:
+            r = runners[key]
+            batches = iter([r.fresh_batch() if mode == "train" else r.fresh_infer_batch()
+                            for _ in range(s.profile_steps + 1)])
+            step = r.train_step if mode == "train" else r.infer
+            profiles[f"{key}_{mode}"], profiled[key, mode] = bench_profile.profiler_table(
+                lambda: step(next(batches)), device, s.profile_steps)
+    log(f"phase breakdown: {n} instrumented steps per model and mode, {s.profile_steps} profiled")
+    rows = []
+    for (key, mode), out in samples.items():
+        # the middle half of the steps by step time (ceil(n/2) around the median): steps another
+        # process interrupted drop out, and the phases' means add up to the mean step exactly
+        out = sorted(out, key=lambda x: x[0])
+        m = max(1, (len(out) + 1) // 2)
+        mid = out[(len(out) - m) // 2:][:m]
+        phases = list(out[0][1])
+        row = {"model": key, "label": runners[key].recipe.label, "mode": mode, "steps": len(out),
+               "steps_averaged": len(mid), "step_ms": 1e3 * statistics.fmean(dt for dt, _ in mid)}
+        row.update({f"{p}_ms": 1e3 * statistics.fmean(ph[p] for _, ph in mid) for p in phases})
+        row["phases_sum_ms"] = sum(row[f"{p}_ms"] for p in phases if p != "other")
+        row["profiled_step_ms"] = sum(v for k, v in profiled[key, mode].items()
+                                      if k in ("zero_grad", "forward", "loss", "backward", "optimizer", "release"))
+        rows.append(row)
+    return rows, profiles

@@ -1,4 +1,6 @@
-"""A benchmark result as files: benchmark.csv, benchmark.json, benchmark.md, benchmark.png."""
+"""A benchmark result as files: benchmark.csv, benchmark.json, benchmark.md, benchmark.png; with a
+phase breakdown also breakdown.csv / .md / .png and one torch.profiler table per model and mode
+(profile_<model>_<train|infer>.txt)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,20 @@ COLUMNS = [
     "train_cpu_ms", "infer_cpu_ms", "train_cpu_x_leignn", "infer_cpu_x_leignn",
 ]
 FILES = ("benchmark.csv", "benchmark.md", "benchmark.png", "benchmark.json")
+BREAKDOWN_FILES = ("breakdown.csv", "breakdown.md", "breakdown.png")
+PHASES = ("graph", "input_checks", "model", "loss", "backward", "optimizer", "other")
+PHASE_LABELS = {"graph": "graph construction", "input_checks": "input checks", "model": "model compute",
+                "loss": "loss", "backward": "backward", "optimizer": "optimizer step",
+                "other": "other"}
+PHASE_COLORS = {"graph": "#4c72b0", "input_checks": "#dd8452", "model": "#55a868", "loss": "#8172b3",
+                "backward": "#c44e52", "optimizer": "#937860", "other": "#bbbbbb"}
+BREAKDOWN_COLUMNS = ["workload", "config", "model", "label", "mode", "steps", "steps_averaged", "step_ms",
+                     *(f"{p}_ms" for p in PHASES), "phases_sum_ms", "round_robin_ms", "profiled_step_ms"]
+WORKLOAD_TEXT = {
+    "oc20": "OC20-like slab+adsorbate structures",
+    "molecules": "small molecules (ASE's G2 set, rattled; non-periodic path of every model, use_pbc=False)",
+    "cells": "small periodic bulk cells (ase.build.bulk, rattled)",
+}
 
 
 def fmt(x, nd: int = 1) -> str:
@@ -26,10 +42,21 @@ def fmt(x, nd: int = 1) -> str:
     return f"{x:,.{nd}f}"
 
 
-def write_outputs(out: str | Path, rows: list[dict], meta: dict, raw: dict) -> Path:
-    """All four files into ``out`` (created); returns ``out``."""
+def write_outputs(out: str | Path, rows: list[dict], meta: dict, raw: dict,
+                  breakdown: list[dict] | None = None, profiles: dict[str, str] | None = None) -> Path:
+    """All four files into ``out`` (created), and the breakdown's and profiler tables when given;
+    returns ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if breakdown:
+        for b in breakdown:
+            b.setdefault("workload", meta.get("workload", "oc20"))
+            b.setdefault("config", meta.get("config_dir"))
+        write_breakdown(out, breakdown, f"{_batch_text(meta)}; {meta['device_name']}")
+    for name, table in (profiles or {}).items():
+        (out / f"profile_{name}.txt").write_text(
+            f"# torch.profiler key_averages, top rows by self CPU time: {name} ({_batch_text(meta)}, "
+            f"config {meta.get('config_dir')})\n{table}\n")
     with open(out / "benchmark.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
@@ -49,8 +76,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "",
         f"`{meta['command']}`",
         "",
-        f"Batch: {meta['batch_structures']} OC20-like slab+adsorbate structures, {meta['batch_atoms']} atoms "
-        f"(periodic, otf graphs). torch {meta['torch']}, {meta['threads']} thread(s)"
+        f"Batch: {_batch_text(meta)} (otf graphs). torch {meta['torch']}, {meta['threads']} thread(s)"
         + (", glibc malloc tuned (no mmap, no trim)" if meta.get("malloc_tuned") else "")
         + f". Medians of {meta['repeats']} round-robin repeats after {meta['warmup']} warm-up; wall-clock time.",
         "",
@@ -154,4 +180,100 @@ def plot(rows: list[dict], meta: dict, path: str | Path) -> None:
     ax2.set_title("cost vs. accuracy (marker size ~ parameters)")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def _batch_text(meta: dict) -> str:
+    text = (f"{meta['batch_structures']} {WORKLOAD_TEXT[meta.get('workload', 'oc20')]}, "
+            f"{meta['batch_atoms']} atoms")
+    n_inf = meta.get("infer_batch_structures", meta["batch_structures"])
+    if n_inf != meta["batch_structures"]:
+        text += f"; inference on {n_inf} structure(s), {meta['infer_batch_atoms']} atoms"
+    return text
+
+
+def write_breakdown(out: str | Path, rows: list[dict], title: str = "") -> Path:
+    """breakdown.csv / .md / .png into ``out``: ms per phase of each (workload, config, model, mode)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "breakdown.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=BREAKDOWN_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k) for k in BREAKDOWN_COLUMNS})
+    (out / "breakdown.md").write_text(breakdown_markdown(rows, title))
+    plot_breakdown(rows, out / "breakdown.png", title)
+    return out
+
+
+def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r.get("workload"), r.get("config"), r["mode"]), []).append(r)
+    return groups
+
+
+def breakdown_markdown(rows: list[dict], title: str = "") -> str:
+    lines = ["# Where a step's time goes" + (f" ({title})" if title else ""), ""]
+    for (workload, config, mode), group in _groups(rows).items():
+        phases = [p for p in PHASES if any(f"{p}_ms" in r for r in group)]
+        lines += [f"## {workload}, {config}: {'training step' if mode == 'train' else 'inference'}", "",
+                  "| model | step ms | " + " | ".join(f"{PHASE_LABELS[p]} ms (%)" for p in phases)
+                  + " | round-robin ms | profiled ms |",
+                  "|---|---:|" + "---:|" * len(phases) + "---:|---:|"]
+        for r in group:
+            cells = [f"{fmt(r.get(f'{p}_ms'), 2)} ({fmt(100 * r[f'{p}_ms'] / r['step_ms'], 0)})"
+                     if r.get(f"{p}_ms") is not None and r["step_ms"] else "–" for p in phases]
+            lines.append(f"| {r['label']} | {fmt(r['step_ms'], 2)} | " + " | ".join(cells)
+                         + f" | {fmt(r.get('round_robin_ms'), 2)} | {fmt(r.get('profiled_step_ms'), 2)} |")
+        lines.append("")
+    lines += [
+        "Means over the middle half (by step time) of instrumented, unprofiled steps (wall clock), so the",
+        "phases add up to the step. Graph construction = fairchem's",
+        "GraphModelMixin.generate_graph (and PyG's RadiusInteractionGraph, SchNet's non-periodic graph);",
+        "input checks = leignn_ocp.checks (LEIGNN's; fairchem's SchNet and PaiNN run none); model compute =",
+        "the forward's own time (incl. autograd forces of energy-gradient models and the position wrap /",
+        "neighbour mask LEIGNN does around the graph); loss = the recipe's fairchem losses; backward =",
+        "loss.backward(); optimizer step = zero_grad + gradient clipping + the optimizer's step.",
+        "Other = freeing the step's autograd graph and outputs + time outside every label.",
+        "Round-robin ms = the benchmark table's median of the same step; profiled ms = the same step",
+        "under torch.profiler (its per-op overhead included); the op tables are profile_<model>_<mode>.txt.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_breakdown(rows: list[dict], path: str | Path, title: str = "") -> None:
+    """Stacked bars of ms per phase: one panel per (workload, config, mode), one bar per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _groups(rows)
+    cols = list(dict.fromkeys((w, c) for w, c, _ in groups))
+    modes = [m for m in ("train", "infer") if any(k[2] == m for k in groups)]
+    fig, axes = plt.subplots(len(modes), len(cols), figsize=(3.6 * len(cols) + 1.5, 3.4 * len(modes)),
+                             squeeze=False)
+    for i, mode in enumerate(modes):
+        for j, (workload, config) in enumerate(cols):
+            ax = axes[i][j]
+            group = groups.get((workload, config, mode), [])
+            bottom = [0.0] * len(group)
+            for p in PHASES:
+                vals = [max(r.get(f"{p}_ms") or 0.0, 0.0) for r in group]
+                if not any(vals):
+                    continue
+                ax.bar(range(len(group)), vals, 0.6, bottom=bottom, color=PHASE_COLORS[p],
+                       label=PHASE_LABELS[p] if (i, j) == (0, 0) else None)
+                bottom = [b + v for b, v in zip(bottom, vals)]
+            ax.set_xticks(range(len(group)))
+            ax.set_xticklabels([r["label"] for r in group], rotation=20, ha="right", fontsize=8)
+            ax.set_title(f"{workload}, {Path(str(config)).name}: {mode}", fontsize=9)
+            if j == 0:
+                ax.set_ylabel("ms per step")
+    fig.legend(loc="center right", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1 - 1.4 / (3.6 * len(cols) + 1.5), 1))
+    fig.savefig(path, dpi=120)
     plt.close(fig)
