@@ -96,13 +96,16 @@ def close_pairs(pos, batch, cell=None, axes=(False, False, False), r: float = MI
 
 @torch.compiler.disable  # eager under torch.compile: host-side branching, and PyG's search has no fake kernel
 def check_input(data, *, model: str, use_pbc: bool, cutoff: float, num_elements: int | None = None,
-                min_distance: float = MIN_DISTANCE, max_images: int = MAX_IMAGES) -> None:
+                min_distance: float = MIN_DISTANCE, max_images: int = MAX_IMAGES,
+                pairs_in_graph: bool = False) -> None:
     """Raise ValueError on input a model would turn into NaN, a silently wrong graph or garbage.
 
     ``num_elements``: atomic numbers must be whole and in 1..num_elements (None: the caller checks
     its own element table). ``min_distance`` (Å, 0 turns the search off): no two atoms, nor an
     atom and a periodic image of another, closer than this. ``max_images``: the most periodic
-    images of the cell the cutoff graph may need.
+    images of the cell the cutoff graph may need. ``pairs_in_graph``: the caller checks the
+    non-periodic pairs on its own graph (:func:`check_edge_lengths`), so the search runs only on the
+    periodic path, where fairchem's graph drops pairs under 0.01 Å.
     """
     pos, z, natoms = data.pos, data.atomic_numbers, data.natoms
     # ---- shapes: known on the host, no sync
@@ -183,14 +186,28 @@ def check_input(data, *, model: str, use_pbc: bool, cutoff: float, num_elements:
             raise ValueError(f"{model}: structure {s} would need {int(images[s])} periodic images for the "
                              f"{cutoff} Å cutoff (cell heights {[round(x, 3) for x in h[s].tolist()]} Å; "
                              f"max_images={max_images}): is the cell in Å and right?")
-    if min_distance > 0:
+    if min_distance > 0 and (periodic or not pairs_in_graph):
         i, j, d = close_pairs(pos, batch, cell if periodic else None,
                               periodic_axes(data) if periodic else (False,) * 3, min_distance)
-        if i.numel():
-            k = int(d.argmin())
-            s = int(batch[i[k]])
-            first = int((batch < s).sum())  # the structure's first atom in the batch
-            a, b = sorted((int(i[k]) - first, int(j[k]) - first))
-            where = " (through a periodic image)" if periodic else ""
-            raise ValueError(f"{model}: atoms {a} and {b} of structure {s} are {d[k].item():.3g} Å apart{where}, "
-                             f"under min_distance={min_distance} Å: a duplicated atom?")
+        _raise_closest(i, j, d, batch, model, min_distance, periodic)
+
+
+def check_edge_lengths(dist, src, dst, batch, *, model: str, min_distance: float = MIN_DISTANCE) -> None:
+    """The close-pair check on a non-periodic graph that holds every pair within the cutoff (nearest
+    first): one reduction, instead of :func:`close_pairs`' search (``check_input(pairs_in_graph=True)``)."""
+    if min_distance > 0 and dist.numel() and bool(dist.min() < min_distance):
+        close = dist < min_distance
+        _raise_closest(dst[close], src[close], dist[close].detach(), batch, model, min_distance, False)
+
+
+def _raise_closest(i, j, d, batch, model: str, min_distance: float, periodic: bool) -> None:
+    """The error for the closest of the pairs (i, j) at distances d [P], if there is one."""
+    if not i.numel():
+        return
+    k = int(d.argmin())
+    s = int(batch[i[k]])
+    first = int((batch < s).sum())  # the structure's first atom in the batch
+    a, b = sorted((int(i[k]) - first, int(j[k]) - first))
+    where = " (through a periodic image)" if periodic else ""
+    raise ValueError(f"{model}: atoms {a} and {b} of structure {s} are {d[k].item():.3g} Å apart{where}, "
+                     f"under min_distance={min_distance} Å: a duplicated atom?")

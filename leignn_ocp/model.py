@@ -24,7 +24,7 @@ from fairchem.core.models.gemnet.layers.embedding_block import AtomEmbedding
 from fairchem.core.models.gemnet.layers.radial_basis import RadialBasis
 
 from leignn_ocp import ops
-from leignn_ocp.checks import MAX_IMAGES, MIN_DISTANCE, check_input, periodic_axes, wrap_positions
+from leignn_ocp.checks import MAX_IMAGES, MIN_DISTANCE, check_edge_lengths, check_input, periodic_axes, wrap_positions
 
 UPDATES = ("nmu", "painn")
 GLOBAL_SCOPES = ("structure", "fragment")
@@ -297,6 +297,12 @@ class LEIGNN(nn.Module, GraphModelMixin):
         )
         return src[keep], dst[keep], dist[keep], vec[keep]
 
+    @property
+    def _pairs_in_graph(self) -> bool:
+        """The molecule path's graph (PyG's radius_graph, every neighbour, then the nearest K) holds
+        every close pair; the periodic one (fairchem's radius_graph_pbc) drops pairs under 0.01 Å."""
+        return not self.use_pbc and self.otf_graph
+
     def _wrapped(self, data):
         """``data`` with positions inside the cell for the on-the-fly periodic graph (a shallow
         copy: the caller's batch is left as it was); edges read from an LMDB keep their offsets."""
@@ -312,7 +318,7 @@ class LEIGNN(nn.Module, GraphModelMixin):
     @conditional_grad(torch.enable_grad())
     def forward(self, data) -> dict[str, torch.Tensor]:
         check_input(data, model="LEIGNN", use_pbc=self.use_pbc, cutoff=self.cutoff, num_elements=self.num_elements,
-                    min_distance=self.min_distance, max_images=self.max_images)
+                    min_distance=self.min_distance, max_images=self.max_images, pairs_in_graph=self._pairs_in_graph)
         pos = data.pos
         if self.regress_forces and not self.direct_forces:
             pos.requires_grad_(True)
@@ -322,6 +328,8 @@ class LEIGNN(nn.Module, GraphModelMixin):
         z = data.atomic_numbers.long()
 
         src, dst, dist, vec = self._graph(data)  # j (sender), i (receiver), [E], [E, 3]
+        if self._pairs_in_graph:  # every pair within r_c is in it, nearest first: no search needed
+            check_edge_lengths(dist, src, dst, batch, model="LEIGNN", min_distance=self.min_distance)
         # fairchem's distance vector is p_j - p_i (+ image offset); e_ij points from j to i
         e = -vec / dist.unsqueeze(-1)  # [E, 3]
         chunked = self.chunked_messages and pos.device.type == "cpu" and not pos.requires_grad
