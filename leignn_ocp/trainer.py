@@ -265,6 +265,30 @@ class Trainer(OCPTrainer):
         return [m.name or path for path, m in self._unwrapped_model.named_modules()
                 if isinstance(m, ScaleFactor) and not m.fitted]
 
+    def load_references_and_normalizers(self) -> None:
+        """fairchem's normalizers, then ``optim.tie_force_normalizer: true``: the force normaliser's
+        rmsd set to the energy's (fairchem's own OC20 recipes write both as one number).
+
+        Why: a -dE/dx model's force output is the gradient of its normalised energy, (F / rmsd_E);
+        trained against F / rmsd_F with rmsd_F != rmsd_E, the energy and the force losses ask for
+        slopes that differ by rmsd_E / rmsd_F, and the predicted energies come out scaled by it.
+        Direct-force models have a force head of their own and need no tie.
+        """
+        super().load_references_and_normalizers()
+        if not self.config["optim"].get("tie_force_normalizer", False):
+            return
+        norms = self.normalizers
+        if "energy" not in norms or "forces" not in norms:
+            raise ValueError("optim.tie_force_normalizer: needs energy and forces normalizers "
+                             f"(dataset.train.transforms.normalizer), found {sorted(norms)}")
+        if float(norms["forces"].mean) != 0.0:
+            raise ValueError(f"optim.tie_force_normalizer: the force normaliser's mean must be 0 (a force offset "
+                             f"is not the gradient of an energy), got {float(norms['forces'].mean)}")
+        old = float(norms["forces"].rmsd)
+        norms["forces"].rmsd = norms["energy"].rmsd.clone()  # the same number, the same dtype
+        logging.info(f"force normaliser rmsd {old:.4g} -> {float(norms['forces'].rmsd):.4g} (the energy's: "
+                     "optim.tie_force_normalizer)")
+
     def check_scale_factors(self) -> None:
         """Raise :class:`UnfittedScaleFactorsError` unless every ScaleFactor is fitted (from
         ``model.scale_file`` or a checkpoint), or ``optim.allow_unfitted_scale_factors`` is true."""

@@ -96,7 +96,18 @@ def test_painn_direct_differs_from_painn_only_in_force_head():
         a, b = _load(d / "painn.yml"), _load(d / "painn_direct.yml")
         assert a["model"]["direct_forces"] is False and b["model"]["direct_forces"] is True
         b["model"]["direct_forces"] = False
+        if size == "default":  # and the normaliser tie of -dE/dx forces
+            assert a["optim"].pop("tie_force_normalizer") is True
+            assert b["optim"].pop("tie_force_normalizer") is False
         assert a == b
+
+
+@pytest.mark.parametrize("key", [k for k in KEYS if (S2EF / "default" / f"{k}.yml").is_file()])
+def test_default_protocol_ties_the_force_normaliser_of_gradient_force_models(key):
+    """-dE/dx models need the force rmsd equal to the energy's (leignn_ocp.trainer); the OC20
+    recipes write one number for both (oc20.yml), the default protocol fits them: tied for these."""
+    cfg = _load(S2EF / "default" / f"{key}.yml")
+    assert cfg["optim"].get("tie_force_normalizer", False) is lineup.get(key).conservative
 
 
 def test_main_config_is_the_papers_recipe():

@@ -267,3 +267,30 @@ def test_bad_data_stops_the_run_before_training(lmdbs, tmp_path):
     assert ckpt is None and "energy_mae" not in log
     log, _ = _train(lmdbs, LEIGNN_200K, "badopt", *_tiny("leignn"), "--optim.check_data=sometimes", ok=False)
     assert "optim.check_data must be one of ('auto', 'full', 'sample', 'off'), got 'sometimes'" in log
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_tie_force_normalizer(lmdbs, tmp_path, tie):
+    """As fairchem's new_trainer_context builds it, on the default protocol's SchNet: with the tie the
+    force normaliser's rmsd is the fitted energy rmsd, without it the forces' own."""
+    from fairchem.core.common.flags import flags
+    from fairchem.core.common.utils import build_config, setup_imports
+
+    from leignn_ocp.evaluation.checkpoints import close_lmdb
+
+    argv = ["--mode", "train", "--config-yml", str(REPO / "configs/s2ef/default/schnet.yml"), "--cpu", "--debug",
+            "--run-dir", str(tmp_path), f"--dataset.train.src={lmdbs['train']}", f"--dataset.val.src={lmdbs['val']}",
+            "--optim.num_workers=0", f"--optim.tie_force_normalizer={tie}", *_tiny("schnet")]
+    args, override = flags.get_parser().parse_known_args(argv)
+    c = build_config(args, override)
+    setup_imports(c)
+    t = registry.get_trainer_class(c["trainer"])(
+        task={}, model=c["model"], outputs=c["outputs"], dataset=c["dataset"], optimizer=c["optim"],
+        loss_functions=c["loss_functions"], evaluation_metrics=c["evaluation_metrics"], identifier="tie",
+        run_dir=str(tmp_path), is_debug=True, logger=c["logger"], local_rank=0, cpu=True, seed=0)
+    try:
+        e, f = t.normalizers["energy"], t.normalizers["forces"]
+        assert float(f.mean) == 0.0
+        assert (float(f.rmsd) == float(e.rmsd)) is tie
+    finally:
+        close_lmdb(t.train_loader)
