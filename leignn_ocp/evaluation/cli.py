@@ -161,6 +161,9 @@ def _equal_time(rows: list[dict], costs: Path) -> str:
 
     with open(costs) as f:
         step_ms = {r["label"]: float(r["train_ms"]) for r in csv.DictReader(f)}
+    for e in lineup.ENTRIES:  # rows the benchmark leaves out have LEIGNN's cost exactly (zero-init)
+        if not e.benchmarked and lineup.label("leignn") in step_ms:
+            step_ms.setdefault(e.label, step_ms[lineup.label("leignn")])
     return ("\n## At equal wall time\n\nThe same runs read at the wall time LEIGNN took for its steps, "
             f"with each model's training-step time from `{costs}` (leignn-benchmark, every model alone on "
             "one machine, not the line-up's shared CPU):\n\n" + equal_time_markdown(aggregate(rows), step_ms))

@@ -231,7 +231,7 @@ def learning_curves_png(agg: dict, path: Path, title: str = "") -> None:
         n = min(len(c) for c in curves)
         steps = np.array([s for s, _ in curves[0][:n]])
         vals = np.array([[v * 1000 for _, v in c[:n]] for c in curves])  # [seeds, evals], meV/Å
-        ax.plot(steps, vals.mean(0), color=f"C{i % 10}", label=m, lw=1.5)
+        ax.plot(steps, vals.mean(0), color=f"C{i % 10}", label=m, lw=1.5, ls="-" if i < 10 else "--")  # 10 colours
         ax.fill_between(steps, vals.min(0), vals.max(0), color=f"C{i % 10}", alpha=0.15)
     ax.set_xlabel("training step")
     ax.set_ylabel("val_id force MAE (meV/Å), seed mean, band min..max")
