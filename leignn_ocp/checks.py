@@ -32,8 +32,8 @@ def periodic_axes(data) -> list[bool]:
     pbc = getattr(data, "pbc", None)
     if pbc is None:
         return [True, True, True]
-    pbc = pbc.reshape(-1, 3).bool()  # [B, 3]; AtomsToGraphs' [3] per structure batches to [3B]
-    return [bool(pbc[:, k].any()) for k in range(3)]
+    # [B, 3]; AtomsToGraphs' [3] per structure batches to [3B]; one host read for the three axes
+    return pbc.reshape(-1, 3).bool().any(dim=0).tolist()
 
 
 def cell_heights(cell: torch.Tensor) -> torch.Tensor:
@@ -97,7 +97,7 @@ def close_pairs(pos, batch, cell=None, axes=(False, False, False), r: float = MI
 @torch.compiler.disable  # eager under torch.compile: host-side branching, and PyG's search has no fake kernel
 def check_input(data, *, model: str, use_pbc: bool, cutoff: float, num_elements: int | None = None,
                 min_distance: float = MIN_DISTANCE, max_images: int = MAX_IMAGES,
-                pairs_in_graph: bool = False) -> None:
+                pairs_in_graph: bool = False, elements: str = "the embedding") -> list[bool] | None:
     """Raise ValueError on input a model would turn into NaN, a silently wrong graph or garbage.
 
     ``num_elements``: atomic numbers must be whole and in 1..num_elements (None: the caller checks
@@ -105,7 +105,9 @@ def check_input(data, *, model: str, use_pbc: bool, cutoff: float, num_elements:
     atom and a periodic image of another, closer than this. ``max_images``: the most periodic
     images of the cell the cutoff graph may need. ``pairs_in_graph``: the caller checks the
     non-periodic pairs on its own graph (:func:`check_edge_lengths`), so the search runs only on the
-    periodic path, where fairchem's graph drops pairs under 0.01 Å.
+    periodic path, where fairchem's graph drops pairs under 0.01 Å. ``elements``: what the range
+    1..num_elements is called in the error. Returns the periodic axes of the batch (as fairchem's
+    graph reads ``data.pbc``) on the periodic path, else None.
     """
     pos, z, natoms = data.pos, data.atomic_numbers, data.natoms
     # ---- shapes: known on the host, no sync
@@ -127,7 +129,8 @@ def check_input(data, *, model: str, use_pbc: bool, cutoff: float, num_elements:
     pbc = getattr(data, "pbc", None)
     if pbc is not None and pbc.numel() != 3 * nb:
         raise ValueError(f"{model}: pbc must be [B, 3] = [{nb}, 3] (or [3] per structure), got {list(pbc.shape)}")
-    periodic = use_pbc and any(periodic_axes(data))
+    axes = periodic_axes(data)
+    periodic = use_pbc and any(axes)
     if use_pbc:
         cell = getattr(data, "cell", None)
         if cell is None:
@@ -147,7 +150,6 @@ def check_input(data, *, model: str, use_pbc: bool, cutoff: float, num_elements:
     flags["batch"] = ((batch >= 0) & (batch < nb)).all() & (batch[1:] >= batch[:-1]).all() & \
         (counts == natoms).all() & (natoms > 0).all()
     if periodic:
-        axes = periodic_axes(data)
         flags["cell_finite"] = torch.isfinite(cell).all()
         vol = torch.linalg.det(cell.detach().double()).abs()
         flags["cell_volume"] = (vol > 1e-6).all()  # also False for NaN
@@ -163,7 +165,7 @@ def check_input(data, *, model: str, use_pbc: bool, cutoff: float, num_elements:
     if not ok.get("elements", True):
         zl = z.long()
         bad = sorted(set(z[(zl < 1) | (zl > num_elements) | (zl.to(z.dtype) != z)].tolist()))
-        raise ValueError(f"{model}: atomic numbers {bad} outside the embedding (1..{num_elements})")
+        raise ValueError(f"{model}: atomic numbers {bad} outside {elements} (1..{num_elements})")
     if not ok["batch"]:
         raise ValueError(f"{model}: inconsistent batch: natoms {natoms.tolist()[:10]} (sum {int(natoms.sum())}) "
                          f"but {n} atoms with per-structure counts {counts.tolist()[:10]}; batch must be "
@@ -188,8 +190,9 @@ def check_input(data, *, model: str, use_pbc: bool, cutoff: float, num_elements:
                              f"max_images={max_images}): is the cell in Å and right?")
     if min_distance > 0 and (periodic or not pairs_in_graph):
         i, j, d = close_pairs(pos, batch, cell if periodic else None,
-                              periodic_axes(data) if periodic else (False,) * 3, min_distance)
+                              axes if periodic else (False,) * 3, min_distance)
         _raise_closest(i, j, d, batch, model, min_distance, periodic)
+    return axes if periodic else None
 
 
 def check_edge_lengths(dist, src, dst, batch, *, model: str, min_distance: float = MIN_DISTANCE) -> None:

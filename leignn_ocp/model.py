@@ -24,7 +24,7 @@ from fairchem.core.models.gemnet.layers.embedding_block import AtomEmbedding
 from fairchem.core.models.gemnet.layers.radial_basis import RadialBasis
 
 from leignn_ocp import ops
-from leignn_ocp.checks import MAX_IMAGES, MIN_DISTANCE, check_edge_lengths, check_input, periodic_axes, wrap_positions
+from leignn_ocp.checks import MAX_IMAGES, MIN_DISTANCE, check_edge_lengths, check_input, wrap_positions
 
 UPDATES = ("nmu", "painn")
 GLOBAL_SCOPES = ("structure", "fragment")
@@ -303,13 +303,11 @@ class LEIGNN(nn.Module, GraphModelMixin):
         every close pair; the periodic one (fairchem's radius_graph_pbc) drops pairs under 0.01 Å."""
         return not self.use_pbc and self.otf_graph
 
-    def _wrapped(self, data):
-        """``data`` with positions inside the cell for the on-the-fly periodic graph (a shallow
-        copy: the caller's batch is left as it was); edges read from an LMDB keep their offsets."""
-        if not (self.use_pbc and self.otf_graph):
-            return data
-        axes = periodic_axes(data)
-        if not any(axes):
+    def _wrapped(self, data, axes: list[bool] | None):
+        """``data`` with positions inside the cell along the periodic ``axes`` (check_input's) for the
+        on-the-fly graph (a shallow copy: the caller's batch is left as it was); edges read from an
+        LMDB keep their offsets."""
+        if not (axes and self.otf_graph):
             return data
         out = copy.copy(data)
         out.pos = wrap_positions(data.pos, data.cell.view(-1, 3, 3).to(data.pos.dtype), data.batch, axes)
@@ -317,12 +315,13 @@ class LEIGNN(nn.Module, GraphModelMixin):
 
     @conditional_grad(torch.enable_grad())
     def forward(self, data) -> dict[str, torch.Tensor]:
-        check_input(data, model="LEIGNN", use_pbc=self.use_pbc, cutoff=self.cutoff, num_elements=self.num_elements,
-                    min_distance=self.min_distance, max_images=self.max_images, pairs_in_graph=self._pairs_in_graph)
+        axes = check_input(data, model="LEIGNN", use_pbc=self.use_pbc, cutoff=self.cutoff,  # periodic axes or None
+                           num_elements=self.num_elements, min_distance=self.min_distance,
+                           max_images=self.max_images, pairs_in_graph=self._pairs_in_graph)
         pos = data.pos
         if self.regress_forces and not self.direct_forces:
             pos.requires_grad_(True)
-        data = self._wrapped(data)
+        data = self._wrapped(data, axes)
         batch = data.batch
         B = data.natoms.numel()
         z = data.atomic_numbers.long()

@@ -180,12 +180,8 @@ class CGCNN(nn.Module, GraphModelMixin):
         return src[keep], dst[keep], dist[keep]
 
     def _check_input(self, data) -> None:
-        check_input(data, model="CGCNN", use_pbc=self.use_pbc, cutoff=self.cutoff)
-        z = data.atomic_numbers
-        bad = z[(z.long().to(z.dtype) != z) | (z < 1) | (z > MAX_Z)]
-        if bad.numel():
-            raise ValueError(f"CGCNN: atomic numbers {sorted(set(bad.tolist()))} outside the k-hot "
-                             f"element table (1..{MAX_Z})")
+        check_input(data, model="CGCNN", use_pbc=self.use_pbc, cutoff=self.cutoff, num_elements=MAX_Z,
+                    elements="the k-hot element table")
 
     @conditional_grad(torch.enable_grad())
     def forward(self, data) -> dict[str, torch.Tensor]:
