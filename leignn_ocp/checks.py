@@ -58,18 +58,30 @@ def wrap_positions(pos: torch.Tensor, cell: torch.Tensor, batch: torch.Tensor, a
     return pos - torch.einsum("nk,nkj->nj", shift, cell[batch])
 
 
+# Up to this many atoms in a batch, close pairs come from every pair of a structure in every
+# neighbouring image (one dense [27, N, N] distance tensor) instead of the ghost-atom neighbour
+# search: on tiny cells and MD-size molecules the search's fixed cost (solve, nonzero, sort, PyG's
+# kernel) is most of the check. Measured on one CPU thread (2- to 54-atom Cu batches): 0.23 vs
+# 0.51 ms at 2 atoms, 0.30 vs 0.37 ms at 27, 0.84 vs 0.42 ms at 54.
+DENSE_PAIRS_MAX_ATOMS = 32
+
+
 def close_pairs(pos, batch, cell=None, axes=(False, False, False), r: float = MIN_DISTANCE):
     """Pairs of atoms closer than ``r``, across periodic images where ``axes`` say so.
 
-    Positions are wrapped into the cell, and the atoms within r of a face get a ghost copy on the
-    far side (at most 26 each, corners included), so one non-periodic search at radius r sees
-    every periodic pair; cell heights must be at least r (checked before). Returns receiver,
-    sender (atom indices of the batch) and distance, [P] each.
+    Positions are wrapped into the cell. Small batches (at most ``DENSE_PAIRS_MAX_ATOMS`` atoms)
+    compare every pair of a structure in the 27 images around it; larger ones give the atoms within
+    r of a face a ghost copy on the far side (at most 26 each, corners included), so one
+    non-periodic search at radius r sees every periodic pair. Either is exact when the cell heights
+    are at least r (checked before): a pair closer than r is then at most one image apart along
+    each lattice vector. Returns receiver, sender (atom indices of the batch) and distance, [P] each.
     """
-    from torch_geometric.nn import radius_graph
-
     n = pos.shape[0]
     pos = pos.detach()
+    if n <= DENSE_PAIRS_MAX_ATOMS:
+        return _close_pairs_dense(pos, batch, cell, axes, r)
+    from torch_geometric.nn import radius_graph
+
     owner = torch.arange(n, device=pos.device)
     if cell is not None and any(axes):
         cell = cell.detach().to(pos.dtype)
@@ -92,6 +104,27 @@ def close_pairs(pos, batch, cell=None, axes=(False, False, False), r: float = MI
     d = (pos[src] - pos[dst]).norm(dim=-1)
     keep = (owner[src] != owner[dst]) & (d < r)
     return owner[dst][keep], owner[src][keep], d[keep]
+
+
+def _close_pairs_dense(pos, batch, cell, axes, r: float):
+    """:func:`close_pairs` by brute force over the ordered pairs (i, j) of each structure, [S, N, N]."""
+    n = pos.shape[0]
+    x, shifts = pos, pos.new_zeros(1, 3)  # [N, 3], [1, 3]: molecules have one image
+    if cell is not None and any(axes):
+        cell = cell.detach().to(pos.dtype)
+        ax = torch.tensor(axes, device=pos.device)
+        frac = torch.linalg.solve(cell[batch].transpose(1, 2), pos.unsqueeze(-1)).squeeze(-1)  # [N, 3]
+        frac = torch.where(ax, frac - torch.floor(frac), frac)
+        x = torch.einsum("nk,nkj->nj", frac, cell[batch])  # wrapped, [N, 3]
+        s = torch.cat([_SHIFTS.new_zeros(1, 3), _SHIFTS]).to(pos.device)  # [27, 3]
+        shifts = s[(s[:, ~ax] == 0).all(-1)].to(pos.dtype)  # [S, 3]: steps along periodic axes only
+    image = torch.einsum("sk,nkj->snj", shifts, cell[batch]) if shifts.shape[0] > 1 else shifts[:, None]  # [S, N|1, 3]
+    d = (x[None, None, :] + image[:, None] - x[None, :, None]).norm(dim=-1)  # [S, N, N]: |x_j + image - x_i|
+    idx = torch.arange(n, device=pos.device)
+    pair = (batch[:, None] == batch[None, :]) & (idx[:, None] != idx[None, :])  # [N, N]
+    close = (d < r) & pair  # [S, N, N]
+    _, i, j = close.nonzero(as_tuple=True)
+    return i, j, d[close]
 
 
 @torch.compiler.disable  # eager under torch.compile: host-side branching, and PyG's search has no fake kernel

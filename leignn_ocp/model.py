@@ -201,6 +201,8 @@ class LEIGNN(nn.Module, GraphModelMixin):
     False makes energy and forces continuous as a neighbour crosses r_c (``Message``).
     ``chunked_messages``: on CPU with direct forces (no gradient on positions) the message step
     runs as ``ops.message``'s fused, chunked kernel; False (or GPU): plain tensor ops, same numbers.
+    ``chunked_min_edges``: below this many edges the plain ops are used even then (on small
+    graphs the kernel's per-chunk Python costs more than it saves; the default 512 is measured).
     ``global_scope``: the global scalar and vector g, u belong to each structure (paper), or to
     each "fragment", a connected component of the cutoff graph: then two molecules out of each
     other's cutoff in one box do not see each other (energies and forces are those of each alone);
@@ -216,6 +218,7 @@ class LEIGNN(nn.Module, GraphModelMixin):
         regress_forces: bool = True, use_pbc: bool = True, use_pbc_single: bool = False,
         otf_graph: bool = True, enforce_max_neighbors_strictly: bool = True, num_elements: int = 118,
         norm_eps: float = 1e-8, zero_init_energy: bool = True, chunked_messages: bool = True,
+        chunked_min_edges: int = 512,
         filter_bias: bool = True, min_distance: float = MIN_DISTANCE, max_images: int = MAX_IMAGES,
         global_scope: str = "structure",
     ) -> None:
@@ -242,6 +245,7 @@ class LEIGNN(nn.Module, GraphModelMixin):
         self.num_elements = num_elements
         self.zero_init_energy = zero_init_energy
         self.chunked_messages = chunked_messages
+        self.chunked_min_edges = int(chunked_min_edges)
         self.filter_bias = filter_bias
         self.min_distance = min_distance
         self.max_images = max_images
@@ -284,6 +288,10 @@ class LEIGNN(nn.Module, GraphModelMixin):
             graph = self.generate_graph(data)
             src, dst = graph.edge_index
             return src, dst, graph.edge_distance, graph.edge_distance_vec
+        return self._molecule_graph(data)
+
+    @torch.compiler.disable  # eager under torch.compile: PyG's radius search has no fake-tensor kernel
+    def _molecule_graph(self, data):
         graph = self.generate_graph(data, max_neighbors=max(int(data.natoms.max()), 1))
         order = torch.argsort(graph.edge_index[1], stable=True)  # the mask wants receivers sorted
         src, dst = graph.edge_index[:, order]
@@ -331,7 +339,8 @@ class LEIGNN(nn.Module, GraphModelMixin):
             check_edge_lengths(dist, src, dst, batch, model="LEIGNN", min_distance=self.min_distance)
         # fairchem's distance vector is p_j - p_i (+ image offset); e_ij points from j to i
         e = -vec / dist.unsqueeze(-1)  # [E, 3]
-        chunked = self.chunked_messages and pos.device.type == "cpu" and not pos.requires_grad
+        chunked = (self.chunked_messages and pos.device.type == "cpu" and not pos.requires_grad
+                   and src.numel() >= self.chunked_min_edges)  # E is a shape: no host sync
         edges = ops.edges(src, dst, e, self.radial_basis(dist), dist, chunked)  # rbf: [E, num_rbf]
         graphs = ops.Reducer(batch, B, data.natoms)  # atoms -> graphs
         owner, groups = batch, graphs  # who owns the globals: structures, or (fragment) components

@@ -100,23 +100,31 @@ def test_min_distance_is_a_constructor_switch():
     assert torch.isfinite(e).all() and torch.isfinite(f).all()
 
 
-def test_close_pairs_finds_every_pair_a_brute_force_finds():
-    """Against all pairs over the 27 neighbouring images, on a skewed cell with atoms near faces
-    and corners."""
+@pytest.mark.parametrize("path", ["dense", "ghost atoms"])
+@pytest.mark.parametrize("axes", [(True, True, True), (True, True, False)])
+def test_close_pairs_finds_every_pair_a_brute_force_finds(monkeypatch, path, axes):
+    """Against all pairs over the neighbouring images (along the periodic axes), on a skewed cell
+    with atoms near faces and corners, two structures in one batch; both of close_pairs' paths."""
+    import leignn_ocp.checks as checks
+
+    monkeypatch.setattr(checks, "DENSE_PAIRS_MAX_ATOMS", 1000 if path == "dense" else 0)
     rng = np.random.default_rng(3)
     cell = torch.tensor([[4.0, 0.0, 0.0], [2.5, 3.5, 0.0], [1.0, -1.2, 3.0]], dtype=torch.float64)
     frac = torch.tensor(rng.uniform(-0.02, 0.02, (60, 3)) + rng.integers(0, 2, (60, 3)), dtype=torch.float64)
-    pos = frac @ cell  # clustered at the corners of the cell: every pair goes through an image
+    pos = frac @ cell  # clustered at the corners of the cell: most pairs go through an image
+    batch = torch.tensor([0] * 25 + [1] * 35)
     r = 0.03
-    i, j, d = close_pairs(pos, torch.zeros(60, dtype=torch.long), cell[None], (True,) * 3, r)
-    shifts = torch.tensor(np.stack(np.meshgrid(*[[-1, 0, 1]] * 3, indexing="ij"), -1).reshape(-1, 3),
-                          dtype=torch.float64) @ cell
-    diff = pos[:, None, None] - pos[None, :, None] - shifts  # [60, 60, 27, 3]
+    i, j, d = close_pairs(pos, batch, torch.stack([cell, cell]), axes, r)
+    steps = torch.tensor(np.stack(np.meshgrid(*[[-1, 0, 1] if a else [0] for a in axes], indexing="ij"), -1)
+                         .reshape(-1, 3), dtype=torch.float64)
+    diff = pos[:, None, None] - pos[None, :, None] - steps @ cell  # [60, 60, S, 3]
     dmin = diff.norm(dim=-1).min(-1).values
     dmin.fill_diagonal_(float("inf"))
+    dmin[batch[:, None] != batch[None, :]] = float("inf")
     expected = {(a, b) for a, b in (dmin < r).nonzero().tolist()}
     assert len(expected) > 20
     assert {(a, b) for a, b in zip(i.tolist(), j.tolist())} == expected
+    assert torch.allclose(d, dmin[i, j])
 
 
 def test_wrapping_leaves_the_callers_batch_alone():

@@ -97,6 +97,48 @@ def test_calculator_matches_model_molecule(ckpt_mol):
     np.testing.assert_allclose(atoms.get_forces(), f_ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("system", ["periodic", "molecule", "periodic, -dE/dx", "periodic, PaiNN (direct forces)"])
+def test_reusing_the_batch_gives_fairchems_numbers_step_after_step(system, ckpt_pbc, ckpt_mol, tmp_path):
+    """The kept batch (reuse=True, the default) against fairchem's own calculate on every call
+    (reuse=False): identical energies and forces while atoms move (and leave the cell), and a new
+    batch, not stale fields, when the cell, the elements or the fixed atoms change. LEIGNN's
+    calculator and the plain one any fairchem model gets."""
+    from ase.constraints import FixAtoms
+
+    from leignn_ocp.md.calculator import LEIGNNCalculator, ReusingOCPCalculator
+    from leignn_ocp.md.throughput import fresh_checkpoint
+    from leignn_ocp.trainer import TRAINER_PATH
+
+    calc = LEIGNNCalculator
+    if system == "molecule":
+        ckpt, atoms = ckpt_mol, molecule("CH3CH2OH")
+    else:
+        atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 1, 1))
+        if "PaiNN" in system:
+            ckpt = fresh_checkpoint("painn_direct", REPO / "configs/s2ef/default", tmp_path / "painn.pt", atoms)
+            calc = lambda path, **kw: ReusingOCPCalculator(checkpoint_path=str(path), trainer=TRAINER_PATH, **kw)  # noqa: E731
+        else:
+            ckpt = ckpt_pbc if system == "periodic" else _checkpoint(
+                tmp_path / "cons.pt", {**KW_PBC, "direct_forces": False}, forces_rmsd=2.0)
+    fast, plain = calc(ckpt), calc(ckpt, reuse=False)
+    assert fast.reuse and not plain.reuse
+    rng = np.random.default_rng(0)
+    for step in range(12):
+        atoms.positions += rng.normal(0, 0.02, atoms.positions.shape)
+        if step == 4 and system != "molecule":
+            atoms.set_cell(atoms.cell * 1.02, scale_atoms=True)
+        if step == 7:
+            atoms.numbers[0] = 47 if system != "molecule" else 7
+        if step == 9:
+            atoms.set_constraint(FixAtoms(indices=[1]))
+        got = [fast.get_property(p, atoms) for p in ("energy", "forces")]
+        want = [plain.get_property(p, atoms) for p in ("energy", "forces")]
+        assert got[0] == want[0], step
+        np.testing.assert_array_equal(got[1], want[1])
+        assert np.abs(got[1]).max() > 1e-5
+    assert fast._template[1].natoms.tolist() == [len(atoms)]
+
+
 def test_conservative_checkpoint_gives_gradient_forces(tmp_path):
     from leignn_ocp.md.calculator import LEIGNNCalculator
 
@@ -425,3 +467,32 @@ def test_benchmark_val_errors_and_existing_checkpoint(emt_reference, tmp_path):
     assert B.train(tmp_path / "missing.yml", tmp_path / "runs", "leignn", epochs=1) == ckpt
     with pytest.raises(SystemExit, match="missing.yml not found"):
         B.train(tmp_path / "missing.yml", tmp_path / "runs", "leignn", epochs=1, retrain=True)
+
+
+# ----------------------------------------------------------------------------- MD throughput
+def test_md_throughput_command_times_every_mode_with_the_same_forces(tmp_path):
+    """leignn-md-throughput on ethanol: a row per (model, mode), fairchem's path and the kept batch
+    give the same first forces, and the files are written."""
+    from leignn_ocp.md import throughput
+
+    out = tmp_path / "thr"
+    assert throughput.main(["--models", "leignn", "painn_direct", "--systems", "ethanol", "--modes", "fairchem",
+                            "reuse", "--steps", "3", "--threads", "1", "--out", str(out)]) == 0
+    import csv
+
+    with open(out / "throughput.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["model"], r["mode"]) for r in rows] == [
+        ("leignn", "fairchem"), ("leignn", "reuse"), ("painn_direct", "fairchem"), ("painn_direct", "reuse")]
+    for r in rows:
+        assert r["atoms"] == "9" and float(r["ms_per_step"]) > 0 and float(r["max_force_diff_vs_first_mode"]) == 0
+    assert "| ethanol | 9 | LEIGNN | reuse |" in (out / "throughput.md").read_text()
+    assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_md_throughput_refuses_a_bad_checkpoint_argument(tmp_path, capsys):
+    from leignn_ocp.md import throughput
+
+    with pytest.raises(SystemExit):
+        throughput.main(["--checkpoint", f"leignn={tmp_path / 'missing.pt'}", "--out", str(tmp_path)])
+    assert "expected KEY=PATH" in capsys.readouterr().err

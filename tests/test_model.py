@@ -31,7 +31,7 @@ def make_model(variant="leignn", direct_forces=True, use_pbc=False, dtype=torch.
                chunked=True, **kw):
     torch.manual_seed(seed)
     model = LEIGNN(**VARIANTS[variant], direct_forces=direct_forces, use_pbc=use_pbc,
-                   chunked_messages=chunked, **{**HP, **kw})
+                   chunked_messages=chunked, **{"chunked_min_edges": 0, **HP, **kw})  # the kernel on any size
     return model.to(dtype).eval()
 
 
@@ -97,6 +97,22 @@ class _PlanSpy:
             return plan
 
         monkeypatch.setattr(ops, "plan_chunks", spy)
+
+
+def test_the_message_path_is_picked_by_graph_size(monkeypatch):
+    """chunked_min_edges: the fused kernel on graphs of at least that many edges, plain ops below
+    (the same numbers either way)."""
+    spy = _PlanSpy(monkeypatch)
+    atoms = smooth_cluster()  # ~300 edges
+    torch.manual_seed(0)
+    ref = predict(make_model(chunked=False), atoms)
+    for min_edges, taken in ((0, True), (10_000, False)):
+        spy.plans.clear()
+        out = predict(make_model(chunked=True, chunked_min_edges=min_edges), atoms)
+        assert any(p is not None for p in spy.plans) is taken, min_edges
+        for a, b in zip(out, ref):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    assert LEIGNN().chunked_min_edges == 512
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -22,7 +22,8 @@ from leignn_ocp.batching import atoms_to_batch
 from leignn_ocp.lineup import VARIANTS
 from leignn_ocp.testing import oc20_slab
 
-HP = {"hidden_channels": 8, "num_layers": 2, "num_rbf": 6, "cutoff": 5.0, "max_neighbors": 10}
+# chunked_min_edges 0: the fused kernel wherever chunked_messages asks for it, on these small graphs too
+HP = {"hidden_channels": 8, "num_layers": 2, "num_rbf": 6, "cutoff": 5.0, "max_neighbors": 10, "chunked_min_edges": 0}
 
 
 def sigma(x):  # ScaledSiLU

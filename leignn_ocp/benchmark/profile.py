@@ -169,7 +169,7 @@ def split(totals: dict[str, float], step_s: float, train: bool) -> dict[str, flo
 def profiler_table(fn: Callable[[], object], device: torch.device, steps: int, row_limit: int = 25
                    ) -> tuple[str, dict[str, float]]:
     """``steps`` recorded calls of ``fn`` under torch.profiler after one warm-up call (``fn`` is
-    called ``steps + 1`` times): (key_averages table, top ``row_limit`` rows by self CPU time; the
+    called ``steps + 1`` times): (key_averages tables: every ``bench::`` range, then the top ``row_limit`` rows by self CPU time; the
     profiler's per-step CPU ms of each ``bench::`` label, inclusive)."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
@@ -183,6 +183,13 @@ def profiler_table(fn: Callable[[], object], device: torch.device, steps: int, r
                 torch.cuda.synchronize(device)
             prof.step()
     averages = prof.key_averages()
-    table = averages.table(sort_by="self_cpu_time_total", row_limit=row_limit)
+    from torch.autograd.profiler_util import EventList
+
+    # the phases first, always (on a tiny step a phase's own range can fall out of the top rows)
+    phases = EventList([e for e in averages if e.key.startswith(_PREFIX)])
+    table = (f"phases ({_PREFIX}* ranges, by total CPU time):\n"
+             f"{phases.table(sort_by='cpu_time_total')}\n"
+             f"top {row_limit} operators by self CPU time:\n"
+             f"{averages.table(sort_by='self_cpu_time_total', row_limit=row_limit)}")
     labels = {e.key[len(_PREFIX):]: e.cpu_time_total / 1e3 / steps for e in averages if e.key.startswith(_PREFIX)}
     return table, labels

@@ -55,7 +55,7 @@ def write_outputs(out: str | Path, rows: list[dict], meta: dict, raw: dict,
         write_breakdown(out, breakdown, f"{_batch_text(meta)}; {meta['device_name']}")
     for name, table in (profiles or {}).items():
         (out / f"profile_{name}.txt").write_text(
-            f"# torch.profiler key_averages, top rows by self CPU time: {name} ({_batch_text(meta)}, "
+            f"# torch.profiler key_averages, the phases and the top rows by self CPU time: {name} ({_batch_text(meta)}, "
             f"config {meta.get('config_dir')})\n{table}\n")
     with open(out / "benchmark.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")

@@ -27,14 +27,17 @@ Usage::
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 from ase import Atoms
-from ase.calculators.calculator import all_changes
-from fairchem.core.common.relaxation.ase_utils import OCPCalculator
+from ase.calculators.calculator import Calculator, all_changes
+from ase.geometry import wrap_positions
+from fairchem.core.common.data_parallel import data_list_collater
+from fairchem.core.common.relaxation.ase_utils import ASE_PROP_RESHAPE, OCPCalculator
 
 import leignn_ocp  # noqa: F401  (registers the model with fairchem's registry)
 from leignn_ocp.trainer import TRAINER_PATH, CheckpointError, model_class, model_config, read_checkpoint
@@ -66,7 +69,71 @@ def require_leignn(ckpt: dict, path) -> None:
                               "fairchem's OCPCalculator runs its other models")
 
 
-class LEIGNNCalculator(OCPCalculator):
+class ReusingOCPCalculator(OCPCalculator):
+    """fairchem's ``OCPCalculator`` for one system stepped many times (MD, relaxations).
+
+    fairchem's ``calculate`` converts the Atoms (AtomsToGraphs), collates a batch and runs
+    ``trainer.predict`` on every call. For a structure whose atoms, cell, periodicity, tags and
+    fixed atoms stay the same, this one keeps the batch and replaces only its positions, then runs
+    the same ``trainer._forward`` and ``trainer._denorm_preds`` that ``predict`` runs: the same
+    numbers without the per-step conversion. The model still builds its graph from the positions of
+    each step (``otf_graph``; a checkpoint that reads stored edges takes fairchem's path).
+
+    ``reuse``: False gives fairchem's own path on every call. ``compile``: run the model under
+    ``torch.compile`` (dynamic shapes: the edge count changes from step to step); the first calls
+    compile (seconds), later ones run the compiled code.
+    """
+
+    def __init__(self, *args, reuse: bool = True, compile: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # stored edges would go stale as atoms move; a molecule box is re-centred on every conversion
+        self.reuse = reuse and not self.a2g.r_edges and self.a2g.molecule_cell_size is None
+        self._template = None  # (key, batch)
+        self.compiled = bool(compile)
+        if self.compiled:
+            self.trainer.model = torch.compile(self.trainer.model, dynamic=True)
+
+    @staticmethod
+    def _system_key(atoms: Atoms) -> tuple:
+        """What the kept batch depends on besides positions (AtomsToGraphs' other fields)."""
+        from ase.constraints import FixAtoms
+
+        fixed = sorted(int(i) for c in atoms.constraints if isinstance(c, FixAtoms) for i in c.index)
+        return (atoms.numbers.tobytes(), np.asarray(atoms.cell).tobytes(), tuple(atoms.pbc.tolist()),
+                atoms.get_tags().tobytes(), tuple(fixed))
+
+    def _batch(self, atoms: Atoms):
+        """The batch for ``atoms``: the kept one with new positions, or a new one (fairchem's)."""
+        key = self._system_key(atoms)
+        if self._template is None or self._template[0] != key:
+            batch = data_list_collater([self.a2g.convert(atoms)], otf_graph=True).to(self.trainer.device)
+            self._template = (key, batch)
+            return copy.copy(batch)  # models may set fields of the batch they get: keep the template as made
+        batch = copy.copy(self._template[1])
+        # AtomsToGraphs.convert's own positions: wrapped along the periodic axes (eps=0), then float32
+        pos = wrap_positions(atoms.get_positions(), atoms.get_cell(complete=True), pbc=atoms.pbc, eps=0)
+        batch.pos = torch.from_numpy(pos).float().to(self.trainer.device)
+        return batch
+
+    def calculate(self, atoms: Atoms | None = None, properties=("energy", "forces"),
+                  system_changes=all_changes) -> None:
+        if not (self.reuse and isinstance(atoms, Atoms)):
+            return super().calculate(atoms, properties, system_changes)
+        Calculator.calculate(self, atoms, properties, system_changes)
+        trainer = self.trainer
+        trainer.model.eval()
+        batch = self._batch(atoms)
+        with torch.no_grad():  # as trainer.predict; -dE/dx models enable grad themselves
+            out = trainer._forward(batch)
+            for key in trainer.config["outputs"]:
+                pred = trainer._denorm_preds(key, out[key], batch)
+                pred = pred.item() if pred.numel() == 1 else pred.cpu().numpy()
+                if key in ASE_PROP_RESHAPE:
+                    pred = pred.reshape(ASE_PROP_RESHAPE[key]).squeeze()
+                self.results[key] = pred
+
+
+class LEIGNNCalculator(ReusingOCPCalculator):
     """ASE calculator for LEIGNN checkpoints (energy in eV, forces in eV/A).
 
     Args:
@@ -93,6 +160,7 @@ class LEIGNNCalculator(OCPCalculator):
         self.wrap = wrap
         self.checkpoint_path = str(checkpoint_path)
         model = self.trainer._unwrapped_model
+        model = getattr(model, "_orig_mod", model)  # the module itself under torch.compile
         self.model = model
         self.used_ema = use_ema and self._load_ema(ckpt)
         regress = bool(getattr(model, "regress_forces", True))

@@ -397,6 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-every", type=int, default=None, help="blow-up check interval (default: --save-every)")
     p.add_argument("--no-stop", action="store_true", help="record a blow-up but keep going")
     p.add_argument("--gpu", action="store_true", help="run the model on the GPU")
+    p.add_argument("--compile", action="store_true",
+                   help="run the model under torch.compile (a first call of ~1 min, then faster steps on small "
+                        "molecules; see docs/results/md_throughput)")
+    p.add_argument("--no-reuse", action="store_true",
+                   help="fairchem's own calculate on every step (default: keep the batch, replace positions)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -417,7 +422,7 @@ def main(argv=None) -> int:
     from leignn_ocp.trainer import CheckpointError
 
     try:
-        calc = LEIGNNCalculator(a.checkpoint, cpu=not a.gpu, seed=a.seed)
+        calc = LEIGNNCalculator(a.checkpoint, cpu=not a.gpu, seed=a.seed, reuse=not a.no_reuse, compile=a.compile)
     except (CheckpointError, FileNotFoundError) as err:  # the message names the file and the problem
         print(f"leignn-md: {err}", file=sys.stderr)
         return EXIT_BAD_CHECKPOINT
