@@ -376,3 +376,15 @@ def test_equal_wall_time_reads_the_learning_curves():
     assert rows["Fast"][1:3] == ["320", "<= 350"]
     assert rows["Slowest"][1:3] == ["16", ">= 900"]
     assert rows["Unmeasured"] == ["-", "-", "-", "- |"]
+
+
+def test_equal_wall_time_waits_for_leignns_row(tmp_path):
+    """A partial line-up (--models without LEIGNN so far) writes its table with a note instead of
+    failing after the training (the row files are kept either way)."""
+    from leignn_ocp.evaluation.cli import _equal_time
+
+    costs = tmp_path / "benchmark.csv"
+    costs.write_text("label,train_ms\nLEIGNN,100\nMACE,400\n")
+    row = json.loads((REPO / "docs/results/table1_default/rows/mace_s0.json").read_text())
+    text = _equal_time([row], costs)
+    assert "LEIGNN has no row here yet" in text

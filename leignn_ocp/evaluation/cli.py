@@ -164,9 +164,13 @@ def _equal_time(rows: list[dict], costs: Path) -> str:
     for e in lineup.ENTRIES:  # rows the benchmark leaves out have LEIGNN's cost exactly (zero-init)
         if not e.benchmarked and lineup.label("leignn") in step_ms:
             step_ms.setdefault(e.label, step_ms[lineup.label("leignn")])
+    agg = aggregate(rows)
+    if lineup.label("leignn") not in agg:  # a partial line-up (--models without leignn, so far)
+        return ("\n## At equal wall time\n\nNot yet: it reads every model at LEIGNN's wall time, and "
+                "LEIGNN has no row here yet.\n")
     return ("\n## At equal wall time\n\nThe same runs read at the wall time LEIGNN took for its steps, "
             f"with each model's training-step time from `{costs}` (leignn-benchmark, every model alone on "
-            "one machine, not the line-up's shared CPU):\n\n" + equal_time_markdown(aggregate(rows), step_ms))
+            "one machine, not the line-up's shared CPU):\n\n" + equal_time_markdown(agg, step_ms))
 
 
 def _lineup_note(a, r: dict, argv: Sequence[str]) -> str:
