@@ -275,3 +275,23 @@ def test_bad_batch_size_is_a_clear_error(tmp_path, capsys):
         main(["--tiny", "--workload", "molecules", "--infer-batch-size", "0", "--out", str(tmp_path)])
     assert exc.value.code == 2
     assert "--infer-batch-size must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_scaling_regime_times_each_size_and_stops_before_memory_runs_out(tmp_path):
+    """--regime scaling on three small slabs: finite times and edges growing with the atoms, the
+    files, and a size skipped (not run) once the extrapolated memory passes the limit."""
+    from leignn_ocp.benchmark import cli, scaling
+
+    out = tmp_path / "scaling"
+    assert cli.main(["--regime", "scaling", "--models", "leignn", "--sizes", "20,40,80", "--repeats", "1",
+                     "--config-dir", str(REPO / "configs/s2ef/default"), "--out", str(out)]) == 0
+    with open(out / "scaling.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["atoms"]) for r in rows] == [len(scaling.slab(n)) for n in (20, 40, 80)]
+    assert all(float(r["infer_ms"]) > 0 and float(r["train_ms"]) > 0 for r in rows)
+    assert int(rows[0]["edges"]) < int(rows[1]["edges"]) < int(rows[2]["edges"])
+    assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = scaling.run(["leignn"], [20, 40, 80], str(REPO / "configs/s2ef/default"), repeats=1,
+                       memory_limit_gb=1e-9, log=lambda *_: None)
+    assert "infer_ms" in rows[0] and "infer_ms" in rows[1]
+    assert rows[2]["note"].startswith("not run: ~") and "infer_ms" not in rows[2]

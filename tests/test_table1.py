@@ -388,3 +388,14 @@ def test_equal_wall_time_waits_for_leignns_row(tmp_path):
     row = json.loads((REPO / "docs/results/table1_default/rows/mace_s0.json").read_text())
     text = _equal_time([row], costs)
     assert "LEIGNN has no row here yet" in text
+
+
+def test_a_single_seed_shows_no_spread():
+    """One seed has no standard deviation: its cells are the value alone, not "± 0.0"."""
+    from leignn_ocp.evaluation.tables import aggregate, seeded_markdown
+
+    rows = [json.loads((REPO / f"docs/results/table1_default/rows/mace_s{s}.json").read_text()) for s in (0, 1)]
+    one = [line for line in seeded_markdown(aggregate(rows[:1])).splitlines() if line.startswith("| MACE |")]
+    two = [line for line in seeded_markdown(aggregate(rows)).splitlines() if line.startswith("| MACE |")]
+    assert one and "±" not in " ".join(one)
+    assert "±" in two[0] and two[0].count("±") == 8

@@ -22,6 +22,7 @@ every model. Medians of wall-clock time, and of process CPU time as a second tab
     leignn-benchmark --device cuda --batch-size 32 --repeats 20
     leignn-benchmark --tiny --out /tmp/x              # seconds; what the tests run
     leignn-benchmark --regime small                   # molecules + small cells, default + 200k sizes (~3 min)
+    leignn-benchmark --regime scaling                 # one slab of 100 ... 20,000 atoms per step
 
 The small end (``--workload molecules|cells``, or ``--regime small`` for both at the
 configs/s2ef/default and configs/s2ef/200k sizes): LEIGNN, PaiNN (direct forces) and SchNet
@@ -55,7 +56,7 @@ from leignn_ocp.benchmark.structures import WORKLOADS
 
 SMALL_MODELS = ("leignn", "painn_direct", "schnet")
 SMALL_CONFIG_DIRS = ("configs/s2ef/default", "configs/s2ef/200k")
-REGIMES = {"small": ("molecules", "cells")}
+REGIMES = {"small": ("molecules", "cells"), "scaling": ()}  # scaling: leignn_ocp.benchmark.scaling
 
 
 def parser() -> argparse.ArgumentParser:
@@ -72,7 +73,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workload", default="oc20", choices=WORKLOADS,
                    help="oc20: OC20-like slabs (default); molecules: 9-22 atom molecules; cells: 2-24 atom bulk cells")
     p.add_argument("--regime", default=None, choices=sorted(REGIMES),
-                   help="small: the molecules and cells workloads (overrides --workload)")
+                   help="small: the molecules and cells workloads (overrides --workload); scaling: one slab per step, 100 to 20,000 atoms (--sizes)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="structures per training batch (default: 2 on CPU, 32 on CUDA; small workloads 8 / 64)")
     p.add_argument("--infer-batch-size", type=int, default=None,
@@ -98,6 +99,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--amp-dtype", default="bfloat16", choices=["bfloat16", "float16"],
                    help="autocast dtype for --amp (float16 trains with a GradScaler)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    p.add_argument("--sizes", default=None,
+                   help="--regime scaling: atoms per structure, comma-separated (default 100,...,20000)")
+    p.add_argument("--memory-limit-gb", type=float, default=16.0,
+                   help="--regime scaling: skip a model's sizes whose extrapolated memory passes this")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="tiny models and structures (for tests; numbers meaningless)")
     p.add_argument("--out", default=None, help="output folder (default results/efficiency/<device>)")
@@ -138,6 +143,26 @@ def run_folder(s: Settings, several: bool) -> str:
     return f"{s.workload}_{Path(s.config_dir).name}" if several or s.workload != "oc20" else ""
 
 
+def _scaling(args: argparse.Namespace) -> int:
+    """--regime scaling: one structure of growing size per step (leignn_ocp.benchmark.scaling)."""
+    import torch
+
+    from leignn_ocp.benchmark import scaling
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger().setLevel(logging.ERROR)
+    torch.set_num_threads(args.threads or 1)
+    if not args.no_malloc_tuning:
+        tune_malloc()
+    models = [m.strip() for m in (args.models or ",".join(scaling.MODELS)).split(",") if m.strip()]
+    sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else list(scaling.SIZES)
+    out = Path(args.out or Path("results") / "efficiency" / "cpu" / "scaling")
+    scaling.run(models, sizes, args.config_dir or "configs/s2ef/default", repeats=args.repeats or 2,
+                memory_limit_gb=args.memory_limit_gb, out=out, log=log)
+    log(f"wrote {out}/scaling.{{csv,json,md,png}}")
+    return 0
+
+
 def _known(name: str) -> bool:
     try:
         lineup.get(name)
@@ -153,6 +178,8 @@ def log(msg: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
+    if args.regime == "scaling":
+        return _scaling(args)
     runs = runs_from_args(args, p)
     argv = sys.argv[1:] if argv is None else list(argv)
 

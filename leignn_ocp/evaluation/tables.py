@@ -158,7 +158,8 @@ def seeded_markdown(agg: dict) -> str:
     lines = ["| model | seeds | " + " | ".join(f"{t} E | {t} F" for t in SPLIT_TITLES) + " |",
              "|---|---|" + "---|---|" * len(SPLIT_TITLES)]
     for label, a in agg.items():
-        cells = [f"{a['mean'][t][c]:.1f} ± {a['std'][t][c]:.1f}"
+        one = len(a["seeds"]) == 1  # no spread to show: the value alone, not "± 0.0"
+        cells = [f"{a['mean'][t][c]:.1f}" + ("" if one else f" ± {a['std'][t][c]:.1f}")
                  for t in SPLIT_TITLES for c in ("energy_mae_meV", "forces_mae_meV_per_A")]
         lines.append(f"| {label} | {len(a['seeds'])} | " + " | ".join(cells) + " |")
     lines += ["", "| model | " + " | ".join(f"{t} cos | {t} EFwT %" for t in SPLIT_TITLES) + " |",
@@ -173,7 +174,7 @@ def seeded_markdown(agg: dict) -> str:
         ends = [c[-1][1] * 1000 for c in a["curves"] if c]
         end = f"{np.mean(ends):.1f}" if ends else "-"
         lines.append(f"| {label} | {a['forces']} | {a['params']} | {a['steps']} | "
-                     f"{a['train_s']:.0f} ± {a['train_s_std']:.0f} | {end} |")
+                     f"{a['train_s']:.0f}" + ("" if len(a["seeds"]) == 1 else f" ± {a['train_s_std']:.0f}") + f" | {end} |")
     return "\n".join(lines) + "\n"
 
 
