@@ -282,9 +282,20 @@ def test_scaling_regime_times_each_size_and_stops_before_memory_runs_out(tmp_pat
     files, and a size skipped (not run) once the extrapolated memory passes the limit."""
     from leignn_ocp.benchmark import cli, scaling
 
+    import logging
+    import warnings
+
     out = tmp_path / "scaling"
-    assert cli.main(["--regime", "scaling", "--models", "leignn", "--sizes", "20,40,80", "--repeats", "1",
-                     "--config-dir", str(REPO / "configs/s2ef/default"), "--out", str(out)]) == 0
+    # the command sets the process up as a benchmark's (root log level, warning filters, threads):
+    # give the rest of the test session its own back
+    root, level, threads = logging.getLogger(), logging.getLogger().level, torch.get_num_threads()
+    with warnings.catch_warnings():
+        try:
+            assert cli.main(["--regime", "scaling", "--models", "leignn", "--sizes", "20,40,80", "--repeats", "1",
+                             "--config-dir", str(REPO / "configs/s2ef/default"), "--out", str(out)]) == 0
+        finally:
+            root.setLevel(level)
+            torch.set_num_threads(threads)
     with open(out / "scaling.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["atoms"]) for r in rows] == [len(scaling.slab(n)) for n in (20, 40, 80)]

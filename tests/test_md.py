@@ -476,8 +476,12 @@ def test_md_throughput_command_times_every_mode_with_the_same_forces(tmp_path):
     from leignn_ocp.md import throughput
 
     out = tmp_path / "thr"
-    assert throughput.main(["--models", "leignn", "painn_direct", "--systems", "ethanol", "--modes", "fairchem",
-                            "reuse", "--steps", "3", "--threads", "1", "--out", str(out)]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert throughput.main(["--models", "leignn", "painn_direct", "--systems", "ethanol", "--modes", "fairchem",
+                                "reuse", "--steps", "3", "--threads", "1", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)  # --threads sets the process's
     import csv
 
     with open(out / "throughput.csv") as f:
