@@ -72,3 +72,42 @@ def radius_graph_pbc_cells(pos: torch.Tensor, cell: torch.Tensor, natoms: torch.
         enforce_max_strictly=enforce_max_neighbors_strictly)
     i, j, s = i[keep_k], j[keep_k], s[keep_k]
     return torch.stack((j, i)), steps[s].float(), neighbors
+
+
+def main(argv=None) -> int:
+    """``python -m leignn_ocp.graph``: both searches timed on rattled fcc Cu supercells (6 Å, 50
+    neighbours, one thread); fairchem's only up to ``--fairchem-max`` atoms (its memory is N^2)."""
+    import argparse
+    import time
+
+    from ase.build import bulk
+
+    from leignn_ocp.batching import atoms_to_batch
+
+    p = argparse.ArgumentParser(prog="python -m leignn_ocp.graph", description=main.__doc__)
+    p.add_argument("--repeats", default="3x3x3,5x5x5,5x5x10,10x10x10,10x10x20", help="conventional cells, AxBxC,...")
+    p.add_argument("--fairchem-max", type=int, default=1000)
+    a = p.parse_args(argv)
+    from fairchem.core.common.utils import radius_graph_pbc
+
+    torch.set_num_threads(1)
+    for rep in a.repeats.split(","):
+        atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(tuple(int(x) for x in rep.split("x")))
+        atoms.rattle(0.05, seed=0)
+        b = atoms_to_batch([atoms])
+        args = (b.pos, b.cell, b.natoms, b.batch, 6.0, 50, True, [True] * 3)
+        radius_graph_pbc_cells(*args)  # warm-up
+        t0 = time.perf_counter()
+        ours = radius_graph_pbc_cells(*args)
+        line = f"{len(atoms)} atoms, {ours[0].shape[1]} edges: tree search {1e3 * (time.perf_counter() - t0):.1f} ms"
+        if len(atoms) <= a.fairchem_max:
+            t0 = time.perf_counter()
+            theirs = radius_graph_pbc(b, 6.0, 50, True)
+            same = all(torch.equal(x, y) for x, y in zip(theirs, ours))
+            line += f", fairchem's radius_graph_pbc {1e3 * (time.perf_counter() - t0):.1f} ms, same edges: {same}"
+        print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
