@@ -85,3 +85,15 @@ def test_auto_takes_the_tree_search_for_large_structures_on_cpu(monkeypatch):
     assert calls == [256]
     with pytest.raises(ValueError, match=r"pbc_graph must be one of \('auto', 'fairchem', 'cells'\), got 'kd'"):
         LEIGNN(pbc_graph="kd")
+
+
+def test_the_timing_command_reports_equal_edges(capsys):
+    from leignn_ocp.graph import main
+
+    threads = torch.get_num_threads()
+    try:
+        assert main(["--repeats", "2x2x2,3x3x3", "--fairchem-max", "200"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all("same edges: True" in line for line in lines), lines
