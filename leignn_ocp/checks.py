@@ -84,11 +84,7 @@ def close_pairs(pos, batch, cell=None, axes=(False, False, False), r: float = MI
 
     owner = torch.arange(n, device=pos.device)
     if cell is not None and any(axes):
-        cell = cell.detach().to(pos.dtype)
-        ax = torch.tensor(axes, device=pos.device)
-        frac = torch.linalg.solve(cell[batch].transpose(1, 2), pos.unsqueeze(-1)).squeeze(-1)  # [N, 3]
-        frac = torch.where(ax, frac - torch.floor(frac), frac)
-        x = torch.einsum("nk,nkj->nj", frac, cell[batch])  # wrapped, [N, 3]
+        cell, ax, frac, x = _wrapped_fractional(pos, batch, cell, axes)
         margin = (r / cell_heights(cell)).to(pos.dtype)[batch]  # [N, 3] in fractional units
         near_lo = (frac < margin) & ax  # a ghost at +a_k sees the far face
         near_hi = (frac > 1 - margin) & ax
@@ -106,16 +102,22 @@ def close_pairs(pos, batch, cell=None, axes=(False, False, False), r: float = MI
     return owner[dst][keep], owner[src][keep], d[keep]
 
 
+def _wrapped_fractional(pos, batch, cell, axes):
+    """(cell in the positions' dtype, periodic-axis mask [3], fractional coordinates wrapped into
+    [0, 1) along those axes [N, 3], the wrapped positions [N, 3])."""
+    cell = cell.detach().to(pos.dtype)
+    ax = torch.tensor(axes, device=pos.device)
+    frac = torch.linalg.solve(cell[batch].transpose(1, 2), pos.unsqueeze(-1)).squeeze(-1)  # [N, 3]
+    frac = torch.where(ax, frac - torch.floor(frac), frac)
+    return cell, ax, frac, torch.einsum("nk,nkj->nj", frac, cell[batch])
+
+
 def _close_pairs_dense(pos, batch, cell, axes, r: float):
     """:func:`close_pairs` by brute force over the ordered pairs (i, j) of each structure, [S, N, N]."""
     n = pos.shape[0]
     x, shifts = pos, pos.new_zeros(1, 3)  # [N, 3], [1, 3]: molecules have one image
     if cell is not None and any(axes):
-        cell = cell.detach().to(pos.dtype)
-        ax = torch.tensor(axes, device=pos.device)
-        frac = torch.linalg.solve(cell[batch].transpose(1, 2), pos.unsqueeze(-1)).squeeze(-1)  # [N, 3]
-        frac = torch.where(ax, frac - torch.floor(frac), frac)
-        x = torch.einsum("nk,nkj->nj", frac, cell[batch])  # wrapped, [N, 3]
+        cell, ax, _, x = _wrapped_fractional(pos, batch, cell, axes)
         s = torch.cat([_SHIFTS.new_zeros(1, 3), _SHIFTS]).to(pos.device)  # [27, 3]
         shifts = s[(s[:, ~ax] == 0).all(-1)].to(pos.dtype)  # [S, 3]: steps along periodic axes only
     image = torch.einsum("sk,nkj->snj", shifts, cell[batch]) if shifts.shape[0] > 1 else shifts[:, None]  # [S, N|1, 3]

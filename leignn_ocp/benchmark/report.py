@@ -42,6 +42,16 @@ def fmt(x, nd: int = 1) -> str:
     return f"{x:,.{nd}f}"
 
 
+def write_rows(out: Path, stem: str, rows: list[dict], columns, meta: dict) -> None:
+    """``<out>/<stem>.csv`` (the columns) and ``<stem>.json`` (meta and every row), ``out`` created."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{stem}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
 def write_outputs(out: str | Path, rows: list[dict], meta: dict, raw: dict,
                   breakdown: list[dict] | None = None, profiles: dict[str, str] | None = None) -> Path:
     """All four files into ``out`` (created), and the breakdown's and profiler tables when given;

@@ -10,8 +10,6 @@ would otherwise take the machine down with it.
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import time
 from pathlib import Path
@@ -100,12 +98,9 @@ def _edges(runner, num_edges) -> int:
 
 
 def write(rows: list[dict], out: Path, meta: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "scaling.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    (out / "scaling.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    from leignn_ocp.benchmark.report import write_rows
+
+    write_rows(out, "scaling", rows, COLUMNS, meta)
     lines = [f"# Cost against structure size (CPU, {meta['threads']} thread(s), {meta['config_dir']}, "
              f"one Cu(111)+O slab per step, median of {meta['repeats']})", "",
              "| model | atoms | edges | inference ms (µs/atom) | training step ms (µs/atom) | peak MB infer / train | note |",

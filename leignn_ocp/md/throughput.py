@@ -18,8 +18,6 @@ structure stays near its start for the steps timed; say so when quoting the numb
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import time
 from pathlib import Path
 
@@ -176,12 +174,9 @@ def run(models, systems, modes, steps: int, out: Path | None, config_dir: str | 
 
 
 def write(rows: list[dict], out: Path, meta: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "throughput.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    (out / "throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    from leignn_ocp.benchmark.report import write_rows
+
+    write_rows(out, "throughput", rows, COLUMNS, meta)
     lines = [f"# MD throughput (CPU, {rows[0]['threads'] if rows else '?'} thread(s); Langevin, "
              f"{meta['timestep_fs']} fs; the modes take turns, {meta['rounds']} blocks of "
              f"{max(1, meta['steps'] // meta['rounds'])} steps each, median block)", "",
