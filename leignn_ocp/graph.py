@@ -1,9 +1,9 @@
 """The periodic radius graph in linear time: fairchem's edges from a tree search over image atoms.
 
 fairchem's ``radius_graph_pbc`` measures every pair of atoms of a structure in every image of its
-cell it searches, N^2 x (2R+1)^3 distances: 1.2 s for 500 atoms and 5.0 s for 1,000 (one CPU
-thread, 6 Å, 50 neighbours), where LEIGNN's own forward takes 0.25 and 0.5 s; memory ends a few
-thousand atoms later. :func:`radius_graph_pbc_cells` builds the same graph from the images of the
+cell it searches, N^2 x (2R+1)^3 distances: at 1,000 atoms it takes longer than LEIGNN's own
+forward, and its memory ends a few thousand atoms later (:func:`main` times both searches;
+README, "Large periodic systems"). :func:`radius_graph_pbc_cells` builds the same graph from the images of the
 atoms near the cell (the image offsets fairchem would search, the ones that reach within the
 cutoff of the cell) and one PyG / torch_cluster ``radius`` query (a k-d tree on CPU): O(N) for a
 fixed density. It keeps fairchem's conventions and order: candidates sorted by (receiver i,
@@ -54,7 +54,8 @@ def radius_graph_pbc_cells(pos: torch.Tensor, cell: torch.Tensor, natoms: torch.
     img_pos = x[atom] + torch.einsum("gk,gkj->gj", steps[step], cell[batch[atom]].to(x.dtype))  # [G, 3]
     # every image atom within r of each atom (the tree's radius test may differ from fairchem's
     # r^2 <= radius^2 in the last bit: search a hair wider, then apply fairchem's test)
-    per_query = int(keep.sum(dim=1).new_zeros(n_struct).index_add_(0, batch, keep.sum(dim=1)).max())
+    images = keep.sum(dim=1)  # [N]: image atoms of each atom
+    per_query = int(images.new_zeros(n_struct).index_add_(0, batch, images).max())  # most of one structure
     rows, cols = tree_radius(img_pos, x, radius * (1 + 1e-6), batch_x=batch[atom], batch_y=batch,
                              max_num_neighbors=max(per_query, 1))
     i, j, s = rows, atom[cols], step[cols]

@@ -24,8 +24,7 @@ from fairchem.core.models.gemnet.layers.embedding_block import AtomEmbedding
 from fairchem.core.models.gemnet.layers.radial_basis import RadialBasis
 
 from leignn_ocp import ops
-from leignn_ocp.checks import (MAX_IMAGES, MIN_DISTANCE, check_edge_lengths, check_input, periodic_axes,
-                                wrap_positions)
+from leignn_ocp.checks import MAX_IMAGES, MIN_DISTANCE, check_edge_lengths, check_input, wrap_positions
 
 UPDATES = ("nmu", "painn")
 GLOBAL_SCOPES = ("structure", "fragment")
@@ -214,8 +213,7 @@ class LEIGNN(nn.Module, GraphModelMixin):
     ``pbc_graph``: who searches the periodic on-the-fly graph: "fairchem" (radius_graph_pbc, every
     pair of a structure in every image: quadratic), "cells" (``leignn_ocp.graph``: the same edges
     from a tree search over the image atoms near the cell, linear), or "auto": "cells" on CPU once
-    a structure has ``CELL_SEARCH_MIN_ATOMS`` atoms (fairchem's search: 24 ms at 108 atoms, 5 s
-    at 1,000; the tree's 3 ms and 24 ms).
+    a structure has ``CELL_SEARCH_MIN_ATOMS`` atoms (``python -m leignn_ocp.graph`` times both).
     ``min_distance`` (Å) and ``max_images``: input checks (``leignn_ocp.checks``): atoms closer
     than min_distance (0: unchecked) and cells that need more periodic images are refused.
     """
@@ -288,22 +286,22 @@ class LEIGNN(nn.Module, GraphModelMixin):
         if self.zero_init_energy:
             nn.init.zeros_(self.out_energy[-1].weight)  # initial energy = 0 (the normaliser's mean)
 
-    def _graph(self, data):
+    def _graph(self, data, axes: list[bool] | None):
         """Edges j -> i within the cutoff, at most ``max_neighbors`` nearest per receiver i.
 
         The periodic path is fairchem's ``radius_graph_pbc`` (nearest K). PyG's
         ``radius_graph`` behind the non-periodic path keeps an arbitrary K, which would
         make the energy depend on atom order, so there we take every neighbour and keep
-        the K nearest with fairchem's own mask.
+        the K nearest with fairchem's own mask. ``axes``: the periodic axes (check_input's).
         """
-        if self.use_pbc and self.otf_graph and self._cell_search(data):
+        if axes and self.otf_graph and self._cell_search(data):
             from fairchem.core.common.utils import get_pbc_distances
 
             from leignn_ocp.graph import radius_graph_pbc_cells
 
             edge_index, offsets, neighbors = radius_graph_pbc_cells(
                 data.pos, data.cell, data.natoms, data.batch, self.cutoff, self.max_neighbors,
-                self.enforce_max_neighbors_strictly, periodic_axes(data))
+                self.enforce_max_neighbors_strictly, axes)
             out = get_pbc_distances(data.pos, edge_index, data.cell, offsets, neighbors, return_distance_vec=True)
             src, dst = out["edge_index"]
             return src, dst, out["distances"], out["distance_vec"]
@@ -364,7 +362,7 @@ class LEIGNN(nn.Module, GraphModelMixin):
         B = data.natoms.numel()
         z = data.atomic_numbers.long()
 
-        src, dst, dist, vec = self._graph(data)  # j (sender), i (receiver), [E], [E, 3]
+        src, dst, dist, vec = self._graph(data, axes)  # j (sender), i (receiver), [E], [E, 3]
         if self._pairs_in_graph:  # every pair within r_c is in it, nearest first: no search needed
             check_edge_lengths(dist, src, dst, batch, model="LEIGNN", min_distance=self.min_distance)
         # fairchem's distance vector is p_j - p_i (+ image offset); e_ij points from j to i

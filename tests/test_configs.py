@@ -371,12 +371,13 @@ def test_leignn_oc20_graph_has_up_to_50_neighbours(size):
     """The graph fairchem builds for the OC20 recipes: 6 A, at most 50 neighbours per atom (the OC20
     LMDB edges the paper trained on), and more than 20 where the structure has them."""
     from leignn_ocp.batching import atoms_to_batch
+    from leignn_ocp.checks import periodic_axes
     from leignn_ocp.testing import oc20_like_structures
 
     m = _load(S2EF / size / "leignn.yml")["model"]
     model = lineup.build_model(m, {"hidden_channels": 16, "num_layers": 1, "num_rbf": 8})
     batch = atoms_to_batch(oc20_like_structures(1))
-    src, dst, dist, _ = model._graph(batch)
+    src, dst, dist, _ = model._graph(batch, periodic_axes(batch))
     per_atom = torch.bincount(dst, minlength=batch.pos.shape[0])
     assert float(dist.max()) <= 6.0 + 1e-5
     assert int(per_atom.max()) == 50 and int(per_atom.min()) > 20

@@ -19,6 +19,7 @@ from ase.build import molecule
 
 from leignn_ocp import LEIGNN, ops
 from leignn_ocp.batching import atoms_to_batch
+from leignn_ocp.checks import periodic_axes
 from leignn_ocp.lineup import VARIANTS
 from leignn_ocp.testing import oc20_slab
 
@@ -60,7 +61,7 @@ def reference(model: LEIGNN, data):
     F, L = model.hidden_channels, model.num_layers
     nmu, glob = model.update == "nmu", model.global_messages
     with torch.no_grad():
-        src, dst, _, vec = model._graph(data.clone())
+        src, dst, _, vec = model._graph(data.clone(), periodic_axes(data) if model.use_pbc else None)
     pos = data.pos.detach().clone().requires_grad_(True)
     # the image offset of every edge, read off the model's graph (constant w.r.t. positions)
     shift = vec.detach() - (pos[src] - pos[dst]).detach()
@@ -228,7 +229,7 @@ def test_banded_radial_filters_equal_reference():
     model = _perturbed(LEIGNN(use_pbc=True, **hp)).double().eval()
     data = periodic_batch_float64([slab((2, 2, 3), "OH", 1), slab((2, 3, 2), "CO", 2)], model)
     with torch.no_grad():
-        _, _, dist, _ = model._graph(data.clone())
+        _, _, dist, _ = model._graph(data.clone(), periodic_axes(data))
         plan = ops.plan_chunks(model.radial_basis(dist.sort().values))
     assert len(plan.chunks) >= 2 and plan.fraction < 0.5  # the banded path is really taken
     out = model(data.clone())

@@ -144,16 +144,10 @@ def run_folder(s: Settings, several: bool) -> str:
 
 
 def _scaling(args: argparse.Namespace) -> int:
-    """--regime scaling: one structure of growing size per step (leignn_ocp.benchmark.scaling)."""
-    import torch
-
+    """--regime scaling: one structure of growing size per step (leignn_ocp.benchmark.scaling), in
+    the process main has set up (threads, allocator, quiet logs)."""
     from leignn_ocp.benchmark import scaling
 
-    warnings.filterwarnings("ignore")
-    logging.getLogger().setLevel(logging.ERROR)
-    torch.set_num_threads(args.threads or 1)
-    if not args.no_malloc_tuning:
-        tune_malloc()
     models = [m.strip() for m in (args.models or ",".join(scaling.MODELS)).split(",") if m.strip()]
     sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else list(scaling.SIZES)
     out = Path(args.out or Path("results") / "efficiency" / "cpu" / "scaling")
@@ -178,9 +172,7 @@ def log(msg: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    if args.regime == "scaling":
-        return _scaling(args)
-    runs = runs_from_args(args, p)
+    runs = None if args.regime == "scaling" else runs_from_args(args, p)
     argv = sys.argv[1:] if argv is None else list(argv)
 
     import torch
@@ -193,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     if threads:
         torch.set_num_threads(threads)
     malloc_tuned = not cuda and not args.no_malloc_tuning and tune_malloc()
+    if runs is None:
+        return _scaling(args)
 
     out = Path(args.out or Path("results") / "efficiency" / args.device.replace(":", "")
                / ("small" if args.regime == "small" else ""))

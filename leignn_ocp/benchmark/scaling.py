@@ -93,7 +93,8 @@ def _edges(runner, num_edges) -> int:
     batch = runner.fresh_infer_batch()
     if isinstance(runner.model, LEIGNN):
         with torch.no_grad():
-            return int(runner.model._graph(runner.model._wrapped(batch, periodic_axes(batch)))[0].numel())
+            axes = periodic_axes(batch)
+            return int(runner.model._graph(runner.model._wrapped(batch, axes), axes)[0].numel())
     return num_edges(runner.model, batch)
 
 

@@ -89,8 +89,7 @@ class ReusingOCPCalculator(OCPCalculator):
         # stored edges would go stale as atoms move; a molecule box is re-centred on every conversion
         self.reuse = reuse and not self.a2g.r_edges and self.a2g.molecule_cell_size is None
         self._template = None  # (key, batch)
-        self.compiled = bool(compile)
-        if self.compiled:
+        if compile:
             self.trainer.model = torch.compile(self.trainer.model, dynamic=True)
 
     @staticmethod
