@@ -258,6 +258,16 @@ class Trainer(OCPTrainer):
         return super()._forward(batch)
 
     # ------------------------------------------------------------------ ScaleFactors
+    def run_relaxations(self):
+        """fairchem's IS2RS relaxations; first makes its OptimizableBatch instantiable under ASE >= 3.24,
+        whose Optimizable ABC declares methods (get_x, set_x, ...) fairchem 1.10 never implements
+        and its own LBFGS never calls (otherwise: TypeError, "Can't instantiate abstract class")."""
+        from fairchem.core.common.relaxation.optimizable import OptimizableBatch
+
+        for cls in (OptimizableBatch, *OptimizableBatch.__subclasses__()):
+            cls.__abstractmethods__ = frozenset()
+        return super().run_relaxations()
+
     def unfitted_scale_factors(self) -> list[str]:
         """Names (module paths where unnamed) of the model's ScaleFactors still at 0, i.e. skipped."""
         from fairchem.core.modules.scaling import ScaleFactor

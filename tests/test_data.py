@@ -29,11 +29,12 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
-# tiny but complete: 5 splits, one facet, short relaxations (~10 s)
+# tiny but complete: 5 splits, one facet, short relaxations, 1 IS2RS system
 TINY = dict(seed=0, train_systems=4, val_systems=1, frames_per_system=4, rattled_per_system=1,
-            max_steps=12, millers=((1, 0, 0),))
+            max_steps=12, millers=((1, 0, 0),), is2rs_systems=1, is2rs_max_steps=80)
 TINY_ARGS = ["--seed", "0", "--train-systems", "4", "--val-systems", "1", "--frames-per-system", "4",
-             "--rattled-per-system", "1", "--max-steps", "12", "--millers", "100"]
+             "--rattled-per-system", "1", "--max-steps", "12", "--millers", "100", "--is2rs-systems", "1",
+             "--is2rs-max-steps", "80"]
 
 
 CALLER_STATE: dict = {}
@@ -58,8 +59,12 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def _files(root: Path) -> dict[str, bytes]:
+    """The data files (not summary.json, which records timings and kernels, nor the PNG)."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
-            and p.name != "summary.json"}
+            and p.name not in ("summary.json", "forces.png")}
+
+
+N_FILES = 2 * (len(SPLITS) + 1)  # data.lmdb + metadata.npz of each split and of is2rs/
 
 
 def test_generated_splits_load_with_fairchem_lmdbdataset(tiny):
@@ -195,7 +200,7 @@ def test_same_seed_gives_byte_identical_data_and_other_seed_differs(tiny, tmp_pa
     again = tmp_path / "again"
     generate(GenConfig(**TINY), again, workers=2, progress=False)  # other worker count, same bytes
     a, b = _files(tiny), _files(again)
-    assert a.keys() == b.keys() and len(a) == 2 * len(SPLITS)
+    assert a.keys() == b.keys() and len(a) == N_FILES
     for k in a:
         assert a[k] == b[k], f"{k} differs between two runs with the same seed"
     other = tmp_path / "other"
@@ -265,20 +270,42 @@ def _run(cmd: list[str], env: dict | None = None) -> subprocess.CompletedProcess
     return p
 
 
-def test_console_command_and_old_script_spelling_both_work(tiny, tmp_path):
-    """`leignn-generate-data` writes the bytes the library writes, with no thread variables set
-    (numpy/torch are loaded before it runs, so it cannot rely on them); the old spelling
-    `python scripts/generate_data.py` still runs (here: the matching-data fast exit)."""
-    env = {k: v for k, v in os.environ.items() if k not in THREAD_ENV}
-    fresh = tmp_path / "console"
-    out = _run([_command("leignn-generate-data"), "--out", str(fresh), *TINY_ARGS, "--workers", "1",
-                "--no-progress"], env=env).stdout
+# what another machine would select: OpenBLAS's oldest x86 kernels, glibc's libm without FMA/AVX2,
+# two threads (this machine's own choice, AVX2 Zen/Haswell kernels, is the other run)
+OTHER_MACHINE = {"OPENBLAS_CORETYPE": "Prescott", "GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX2,-FMA",
+                 "OMP_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2"}
+
+
+def _generate_cli(out: Path, other_machine: bool, *extra: str) -> tuple[str, dict]:
+    env = {k: v for k, v in os.environ.items() if k not in (*THREAD_ENV, *OTHER_MACHINE)}
+    if other_machine:
+        env.update(OTHER_MACHINE)
+    stdout = _run([_command("leignn-generate-data"), "--out", str(out), *TINY_ARGS, "--workers", "1",
+                   "--no-progress", *extra], env=env).stdout
+    return stdout, _files(out)
+
+
+def test_cli_bytes_do_not_depend_on_the_machines_kernels(tmp_path):
+    """`leignn-generate-data` labels in a child process with pinned kernels: under this machine's
+    own kernels and under another machine's (other OpenBLAS kernel, libm variant, thread count) it
+    writes the same bytes, where labelling in-process with each one's kernels (--native-kernels)
+    does not. The old spelling `python scripts/generate_data.py` still runs (the fast exit)."""
+    out, here = _generate_cli(tmp_path / "here", False)
     assert "wrote" in out and json.loads(out.strip().splitlines()[-1])["summary"].endswith("summary.json")
-    a, b = _files(tiny), _files(fresh)
-    assert a.keys() == b.keys() and len(a) == 2 * len(SPLITS)
-    for k in a:
-        assert a[k] == b[k], f"{k}: leignn-generate-data and generate() wrote different bytes"
-    old = _run([sys.executable, "scripts/generate_data.py", "--out", str(tiny), *TINY_ARGS]).stdout
+    _, there = _generate_cli(tmp_path / "there", True)
+    assert here.keys() == there.keys() and len(here) == N_FILES
+    for k in here:
+        assert here[k] == there[k], f"{k}: the pinned generator wrote other bytes under other kernels"
+    kern = json.loads((tmp_path / "there" / "s2ef" / "summary.json").read_text())["kernels"]
+    assert kern["pinned"] and kern["numpy_simd_dispatch"] == []
+    assert {b["architecture"] for b in kern["blas"]} == {"Prescott"} and {b["num_threads"] for b in kern["blas"]} == {1}
+    _, native_here = _generate_cli(tmp_path / "native_here", False, "--native-kernels")
+    _, native_there = _generate_cli(tmp_path / "native_there", True, "--native-kernels")
+    differ = [k for k in native_here if native_here[k] != native_there[k]]
+    assert differ, "the native kernels gave the same bytes: this check cannot tell pinning from luck here"
+    kern = json.loads((tmp_path / "native_here" / "s2ef" / "summary.json").read_text())["kernels"]
+    assert not kern["pinned"]
+    old = _run([sys.executable, "scripts/generate_data.py", "--out", str(tmp_path / "here"), *TINY_ARGS]).stdout
     assert "already holds this dataset" in old
 
 
@@ -486,7 +513,7 @@ def test_keep_anomalies_flags_records_instead_of_dropping(tmp_path):
     from fairchem.core.datasets import LmdbDataset
 
     cfg = GenConfig(**{**TINY, "train_systems": 3, "max_steps": 40, "rigid_adsorbate": "off",
-                       "keep_anomalies": True})
+                       "keep_anomalies": True, "is2rs_systems": 0})
     summary = generate(cfg, tmp_path / "kept", workers=1, progress=False)
     flagged_systems = 0
     for split in SPLITS:
@@ -502,3 +529,82 @@ def test_keep_anomalies_flags_records_instead_of_dropping(tmp_path):
         assert n_bad == fl["anomalous"]
         flagged_systems += n_bad
     assert flagged_systems >= 1  # EMT's C/H/N/O does break adsorbates when they are free
+
+
+def _records(path: Path) -> list:
+    from fairchem.core.datasets import LmdbDataset
+
+    ds = LmdbDataset({"src": str(path)})
+    return [ds[i] for i in range(len(ds))]
+
+
+def test_as_needed_sampling_relaxes_free_where_the_adsorbate_survives(tiny):
+    """EMT's default (as_needed): systems relax free unless that breaks the adsorbate; the broken
+    free relaxation's frames are kept flagged, the rest sampled rigid; summary counts = records."""
+    from leignn_ocp.data.generate import ANOMALIES, BROKEN_FID
+
+    summary = json.loads((tiny / "s2ef" / "summary.json").read_text())
+    assert summary["config"]["rigid_adsorbate"] == "auto" and summary["sampling"].startswith("free relaxation;")
+    free_systems = broken_frames = 0
+    for split in SPLITS:
+        sp = summary["splits"][split]
+        by_sid: dict[int, list] = {}
+        for d in _records(tiny / "s2ef" / split):
+            assert d.rigid in (0, 1) and 0 <= d.anomaly <= len(ANOMALIES)
+            # flagged frames are exactly the broken free relaxations' (fid from BROKEN_FID on)
+            assert (d.anomaly > 0) == (d.fid >= BROKEN_FID) and (d.anomaly == 0 or d.rigid == 0)
+            by_sid.setdefault(d.sid, []).append(d)
+        rigid = {sid for sid, ds in by_sid.items() if any(d.rigid for d in ds)}
+        broken = {sid for sid, ds in by_sid.items() if any(d.anomaly for d in ds)}
+        assert broken == rigid, "a system is sampled rigid exactly when its free relaxation broke"
+        assert len(by_sid) == sp["systems"] and len(rigid) == sp["systems_sampled_rigid"]
+        assert sp["broken_frames"] == sum(d.anomaly > 0 for ds in by_sid.values() for d in ds)
+        free_systems += sp["systems_sampled_free"]
+        broken_frames += sp["broken_frames"]
+    assert free_systems >= 1 and broken_frames >= 1  # both kinds occur on the tiny data
+
+
+def test_force_distribution_and_near_minimum_share_are_what_the_records_hold(tiny):
+    from leignn_ocp.data.generate import FORCE_BINS, NEAR_MIN
+
+    summary = json.loads((tiny / "s2ef" / "summary.json").read_text())
+    np.testing.assert_allclose(summary["force_bins_eV_per_A"], FORCE_BINS)
+    for split in SPLITS:
+        sp = summary["splits"][split]
+        norms, fmax = [], []
+        for d in _records(tiny / "s2ef" / split):
+            f = d.forces[d.fixed == 0].double().norm(dim=1).numpy()  # [n_free]
+            norms.append(f)
+            fmax.append(f.max())
+        counts = np.histogram(np.clip(np.concatenate(norms), FORCE_BINS[0], FORCE_BINS[-1]), FORCE_BINS)[0]
+        assert sp["free_force_histogram"] == counts.tolist()
+        assert sp["near_minimum_frames"] == int((np.array(fmax) < NEAR_MIN).sum())
+        assert sp["near_minimum_share"] == pytest.approx(sp["near_minimum_frames"] / sp["frames"])
+    assert (tiny / "s2ef" / "forces.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_is2rs_set_holds_calculator_minima_of_new_systems(tiny):
+    """Each IS2RS record: the placed structure, the free EMT minimum it relaxes to (fixed atoms
+    unmoved, free-atom forces under fmax) and both energies on the S2EF energies' scale."""
+    from ase import Atoms
+    from ase.calculators.emt import EMT
+
+    summary = json.loads((tiny / "s2ef" / "summary.json").read_text())
+    recs = _records(tiny / "is2rs")
+    assert len(recs) == summary["is2rs"]["systems"] == TINY["is2rs_systems"]
+    s2ef_sids = {d.sid for split in SPLITS for d in _records(tiny / "s2ef" / split)}
+    fmax = summary["config"]["fmax"]
+    for d in recs:
+        assert d.sid not in s2ef_sids
+        fixed = d.fixed.bool()
+        np.testing.assert_allclose(d.pos_relaxed[fixed].numpy(), d.pos[fixed].numpy(), atol=1e-5)
+        energies = []
+        for pos in (d.pos, d.pos_relaxed):
+            atoms = Atoms(numbers=d.atomic_numbers.long().numpy(), positions=pos.double().numpy(),
+                          cell=d.cell[0].double().numpy(), pbc=True)
+            atoms.calc = EMT()
+            energies.append(atoms.get_potential_energy() - d.energy_offset)
+            f = atoms.get_forces()
+        assert np.linalg.norm(f[~fixed.numpy()], axis=1).max() < fmax + 2e-3  # float32 positions
+        assert energies[0] == pytest.approx(d.y_init, abs=2e-3) and energies[1] == pytest.approx(d.y_relaxed, abs=2e-3)
+        assert d.y_relaxed < d.y_init

@@ -31,6 +31,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import pickle
 import time
 import warnings
 from collections import Counter
@@ -59,10 +60,22 @@ SPLIT_POOLS = {
     "val_ood_ads": ("unseen", "seen"),
     "val_ood_cat": ("seen", "unseen"),
     "val_ood_both": ("unseen", "unseen"),
+    "is2rs": ("seen", "seen"),
 }
+
 ANOMALIES = ("dissociated", "desorbed", "surface_changed", "intercalated")
+RIGID_MODES = ("auto", "on", "off", "as_needed")
+IS2RS = "is2rs"  # the relaxation set's stream of candidates (after the S2EF splits; val_id's pools)
+STREAMS = (*SPLITS, IS2RS)  # the index is the candidate stream and the sid block
+NEAR_MIN = 0.05  # eV/A: a frame whose largest free-atom force is below this is near a minimum
+FORCE_BINS = np.logspace(-3, 2, 26)  # eV/A, 5 per decade: the free-atom |F| histogram (ends clipped in)
+BROKEN_FID = 10_000  # fid of a flagged frame from a free relaxation that broke: 10_000 + step
 SID_STRIDE = 1_000_000  # sid = split_index * SID_STRIDE + candidate index: unique across splits
-FORMAT_VERSION = 2  # 2: records made by fairchem's AtomsToGraphs (positions wrapped into the cell)
+# 2: records made by fairchem's AtomsToGraphs (positions wrapped into the cell); 3: as_needed
+# sampling (fields `anomaly`, `rigid`), the last relaxation frame always kept, the IS2RS set
+FORMAT_VERSION = 3
+THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+PINNED_MARK = "LEIGNN_GENERATE_PINNED"  # set by leignn-generate-data in the child that labels
 
 
 @dataclass(frozen=True)
@@ -81,8 +94,16 @@ class GenConfig:
     millers: tuple[tuple[int, int, int], ...] = ((1, 1, 1), (1, 0, 0), (1, 1, 0))
     ood_ads_frac: float = 0.25  # adsorbates held out for val_ood_ads / val_ood_both
     ood_cat_frac: float = 0.3  # compositions held out (per group: elemental, alloy)
-    rigid_adsorbate: str = "auto"  # adsorbate held rigid while sampling: on/off/auto (on for emt)
+    # adsorbate held rigid while sampling: on / off / as_needed (free, and rigid only where the free
+    # relaxation breaks it) / auto (as_needed for emt, whose C/H/N/O breaks most adsorbates; else off)
+    rigid_adsorbate: str = "auto"
     keep_anomalies: bool = False  # keep anomalous relaxations (flag field ``anomaly``) instead of dropping
+    broken_frames_per_system: int = 4  # as_needed: frames kept (flagged) from a free relaxation that broke
+    is2rs_systems: int = 20  # IS2RS set: freely relaxed, converged, unbroken systems (val_id's pools)
+    # ... of adsorbates with at most this many atoms: EMT leaves 1-2 atom adsorbates whole about
+    # half the time and larger ones rarely (docs/notes/data.md)
+    is2rs_max_adsorbate_atoms: int = 2
+    is2rs_max_steps: int = 300  # BFGS steps of an IS2RS reference relaxation
     max_candidates_factor: int = 12  # give up when a split needs more candidates than factor x target
 
     def __post_init__(self):
@@ -94,21 +115,36 @@ class GenConfig:
             raise ValueError("ood_ads_frac and ood_cat_frac must be in (0, 1)")
         if self.max_steps < 1 or self.fmax <= 0 or self.rattle_std < 0:
             raise ValueError("max_steps >= 1, fmax > 0 and rattle_std >= 0 required")
-        if self.rigid_adsorbate not in ("auto", "on", "off"):
-            raise ValueError("rigid_adsorbate must be 'auto', 'on' or 'off'")
+        if self.rigid_adsorbate not in RIGID_MODES:
+            raise ValueError(f"rigid_adsorbate must be one of {', '.join(map(repr, RIGID_MODES))}, "
+                             f"got {self.rigid_adsorbate!r}")
+        if (self.broken_frames_per_system < 0 or self.is2rs_systems < 0 or self.is2rs_max_steps < 1
+                or self.is2rs_max_adsorbate_atoms < 1):
+            raise ValueError("broken_frames_per_system >= 0, is2rs_systems >= 0, is2rs_max_steps >= 1 and "
+                             "is2rs_max_adsorbate_atoms >= 1 required")
         for m in self.millers:
             if len(m) != 3 or not any(m):
                 raise ValueError(f"bad Miller index {m!r}")
 
     @property
-    def rigid(self) -> bool:
+    def rigid(self) -> str:
+        """on | off | as_needed, with auto resolved by the calculator."""
         if self.rigid_adsorbate == "auto":
             name = self.calculator.strip().lower()
-            return name == "emt" or name.endswith(".emt:emt")
-        return self.rigid_adsorbate == "on"
+            return "as_needed" if name == "emt" or name.endswith(".emt:emt") else "off"
+        return self.rigid_adsorbate
+
+    @property
+    def flagged(self) -> bool:
+        """Records carry ``anomaly`` (and, as_needed, ``rigid``): some kept frames are anomalous."""
+        return self.keep_anomalies or self.rigid == "as_needed"
 
     def targets(self) -> dict[str, int]:
-        return {s: (self.train_systems if s == "train" else self.val_systems) for s in SPLITS}
+        """Kept relaxations per stream: the S2EF splits, then the IS2RS set (if any)."""
+        out = {s: (self.train_systems if s == "train" else self.val_systems) for s in SPLITS}
+        if self.is2rs_systems:
+            out[IS2RS] = self.is2rs_systems
+        return out
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -215,8 +251,12 @@ def candidates(cfg: GenConfig, part: dict, split: str, start: int, count: int, u
     is redrawn from the same stream, so no system is in two splits. The draw order is fixed by the
     config and the (deterministic) relaxation outcomes, so the whole plan is seed-deterministic.
     """
-    si = SPLITS.index(split)
+    si = STREAMS.index(split)
     ads_pool, cat_pool = (part["ads"][SPLIT_POOLS[split][0]], part["cat"][SPLIT_POOLS[split][1]])
+    if split == IS2RS:
+        ads_pool = [a for a in ads_pool if len(adsorbate_db()[a][0]) <= cfg.is2rs_max_adsorbate_atoms]
+        if not ads_pool:
+            raise ValueError(f"no seen adsorbate has at most {cfg.is2rs_max_adsorbate_atoms} atoms for the IS2RS set")
     out = []
     for idx in range(start, start + count):
         r = _rng(cfg.seed, 11, si, idx)
@@ -273,7 +313,7 @@ def _blas_threads(n: int):
 def _pool_init(cfg_json: str, refs: dict, catalysts: list[Catalyst]):
     """Initializer of a worker process: its own thread/warning settings (it exits, so nothing to
     restore), then the shared per-process state."""
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    for var in THREAD_ENV:
         os.environ.setdefault(var, "1")  # libraries the worker loads later
     import torch
 
@@ -354,7 +394,7 @@ def _rigid_adsorbate(atoms, n_slab: int) -> None:
         atoms.set_constraint(list(atoms.constraints) + [RigidBody(range(n_slab, len(atoms)), atoms.positions)])
 
 
-def _to_data(atoms, pos, energy, forces, sid, fid, anomaly: int | None):
+def _to_data(atoms, pos, energy, forces, sid, fid, extra: dict | None):
     """One S2EF record of ``atoms`` (numbers, cell, tags, FixAtoms) at ``pos`` with these labels."""
     from ase import Atoms
     from ase.calculators.singlepoint import SinglePointCalculator
@@ -372,24 +412,21 @@ def _to_data(atoms, pos, energy, forces, sid, fid, anomaly: int | None):
     d.tags = d.tags.long()  # [N] 0 subsurface, 1 surface, 2 adsorbate
     d.energy = float(d.energy)  # eV, adsorption-referenced; forces [N, 3] eV/A
     d.fid = int(fid)
-    if anomaly is not None:
-        d.anomaly = int(anomaly)
+    for key, value in (extra or {}).items():
+        setattr(d, key, int(value))
     return d
 
 
-def run_system(cand: dict) -> dict:
-    """Relax one candidate system and return its frames (as Data) or its anomaly reasons."""
+def _place(cand: dict):
+    """The candidate's initial structure on its relaxed clean slab; returns (atoms, n_slab, slab, e_slab)."""
     from fairchem.data.oc.core import Adsorbate, AdsorbateSlabConfig, Slab
 
-    cfg: GenConfig = _W["cfg"]
-    t0 = time.perf_counter()
     slabs = _slabs(cand["catalyst"], cand["miller"])
     k = cand["slab_pick"] % len(slabs)
     slab_relaxed, e_slab = _relaxed_slab(cand["catalyst"], cand["miller"], k)
     # place on the relaxed clean slab (its tags and FixAtoms carry over)
     slab_obj = Slab(slab_atoms=slab_relaxed.copy(), millers=slabs[k].millers, shift=slabs[k].shift,
                     top=slabs[k].top)
-
     np.random.seed(cand["seed"])  # fairchem.data.oc's placement draws from numpy's global RNG
     ads = Adsorbate(adsorbate_id_from_db=cand["adsorbate_id"], adsorbate_db=adsorbate_db())
     config = AdsorbateSlabConfig(slab_obj, ads, num_sites=1, mode="random_site_heuristic_placement")
@@ -398,8 +435,14 @@ def run_system(cand: dict) -> dict:
     atoms.pbc = True
     tags = atoms.get_tags()
     assert (tags[n_slab:] == 2).all() and (tags[:n_slab] != 2).all()
-    init = atoms.copy()
-    if cfg.rigid:
+    return atoms, n_slab, slab_relaxed, e_slab, k
+
+
+def _sample(init, n_slab: int, rigid: bool, steps: int, early_abort: bool, slab_relaxed):
+    """One BFGS relaxation from ``init`` (free or with the adsorbate rigid); returns
+    (atoms at the end, frames, converged, anomaly reasons, aborted early)."""
+    atoms = init.copy()
+    if rigid:
         _rigid_adsorbate(atoms, n_slab)
     atoms.calc = _calc()
 
@@ -407,28 +450,56 @@ def run_system(cand: dict) -> dict:
         bad = _anomaly(init, a, slab_relaxed)
         return bad[0] if bad and bad[0] in ("dissociated", "desorbed") else None
 
-    # early abort only where the adsorbate can break (a rigid one cannot dissociate)
-    frames, converged, aborted = _relax(atoms, cfg.fmax, cfg.max_steps, record=True,
-                                        check=None if (cfg.keep_anomalies or cfg.rigid) else early)
-    final = atoms.copy()
-    reasons = _anomaly(init, final, slab_relaxed)
+    # a rigid adsorbate cannot break; a free one is stopped once it has
+    frames, converged, aborted = _relax(atoms, _W["cfg"].fmax, steps, record=True,
+                                        check=early if early_abort and not rigid else None)
+    return atoms, frames, converged, _anomaly(init, atoms.copy(), slab_relaxed), aborted is not None
+
+
+def run_system(cand: dict) -> dict:
+    """Relax one candidate system and return its frames (as Data) or its anomaly reasons.
+
+    as_needed: the free relaxation is kept when it leaves the adsorbate whole; when it breaks it,
+    ``broken_frames_per_system`` of its frames are kept flagged (OC20 keeps such S2EF frames and
+    flags them) and the frames come from a relaxation with the adsorbate rigid."""
+    cfg: GenConfig = _W["cfg"]
+    t0 = time.perf_counter()
+    init, n_slab, slab_relaxed, e_slab, k = _place(cand)
+    if cand["split"] == IS2RS:
+        return _is2rs_system(cand, init, n_slab, slab_relaxed, e_slab, k, t0)
+    mode = cfg.rigid
+    broken = []  # (frames, reason) of a free relaxation that broke the adsorbate
+    if mode == "as_needed":
+        atoms, frames, converged, reasons, aborted = _sample(init, n_slab, False, cfg.max_steps, True, slab_relaxed)
+        rigid = bool(reasons)
+        if rigid:
+            broken = [(frames, reasons[0])]
+            atoms, frames, converged, reasons, aborted = _sample(init, n_slab, True, cfg.max_steps, False,
+                                                                 slab_relaxed)
+    else:
+        rigid = mode == "on"
+        atoms, frames, converged, reasons, aborted = _sample(init, n_slab, rigid, cfg.max_steps,
+                                                             not cfg.keep_anomalies, slab_relaxed)
     out = {"candidate": cand, "slab_index": k, "converged": converged, "steps": len(frames),
-           "anomalies": reasons, "aborted_early": aborted is not None, "data": [],
-           "natoms": len(atoms), "e_slab": e_slab}
+           "anomalies": reasons, "aborted_early": aborted, "data": [], "natoms": len(atoms), "e_slab": e_slab,
+           "rigid": rigid, "broken": broken[0][1] if broken else None}
     if reasons and not cfg.keep_anomalies:
         out["seconds"] = time.perf_counter() - t0
         return out
 
-    symbols = atoms.get_chemical_symbols()
-    e_ref = e_slab + sum(_W["refs"][s] for s in symbols[n_slab:])
-    # with --keep-anomalies every record carries `anomaly`: 0 none, else 1 + index in ANOMALIES
-    flag = None
-    if cfg.keep_anomalies:
-        flag = 1 + ANOMALIES.index(reasons[0]) if reasons else 0
+    e_ref = e_slab + sum(_W["refs"][s] for s in atoms.get_chemical_symbols()[n_slab:])
+    # flagged records: `anomaly` 0 none, else 1 + index in ANOMALIES; `rigid` 1 = sampled rigid
+    extra = None
+    if cfg.flagged:
+        extra = {"anomaly": 1 + ANOMALIES.index(reasons[0]) if reasons else 0}
+        if mode == "as_needed":
+            extra["rigid"] = int(rigid)
     r = _rng(cfg.seed, 13, cand["sid"])
+    # the last frame always (a converged free relaxation's is near its minimum), the rest at random
     n_take = min(cfg.frames_per_system, len(frames))
-    picked = sorted(int(i) for i in r.choice(len(frames), size=n_take, replace=False))
-    data = [_to_data(atoms, frames[i][0], frames[i][1] - e_ref, frames[i][2], cand["sid"], i, flag)
+    rest = r.choice(len(frames) - 1, size=n_take - 1, replace=False) if n_take > 1 else []
+    picked = sorted({len(frames) - 1, *(int(i) for i in rest)})
+    data = [_to_data(atoms, frames[i][0], frames[i][1] - e_ref, frames[i][2], cand["sid"], i, extra)
             for i in picked]
     free = np.flatnonzero(~_fixed_mask(atoms))
     for j in range(cfg.rattled_per_system):
@@ -439,12 +510,59 @@ def run_system(cand: dict) -> dict:
         e = float(atoms.get_potential_energy(apply_constraint=False))
         f = atoms.get_forces(apply_constraint=False)
         # fid continues after the relaxation frames: fid >= steps marks a rattled frame
-        data.append(_to_data(atoms, pos, e - e_ref, f, cand["sid"], len(frames) + j, flag))
+        data.append(_to_data(atoms, pos, e - e_ref, f, cand["sid"], len(frames) + j, extra))
+    n_broken = 0
+    for frames_b, reason in broken:  # fid from 10_000 on: frames of the free relaxation that broke
+        n_b = min(cfg.broken_frames_per_system, len(frames_b))
+        flag = {"anomaly": 1 + ANOMALIES.index(reason), "rigid": 0}
+        for i in sorted(int(i) for i in r.choice(len(frames_b), size=n_b, replace=False)):
+            data.append(_to_data(atoms, frames_b[i][0], frames_b[i][1] - e_ref, frames_b[i][2], cand["sid"],
+                                 BROKEN_FID + i, flag))
+        n_broken += n_b
     # pickled here: torch tensors sent between processes would go through shared-memory file
     # descriptors (and run out of them); bytes are also exactly what the LMDB stores
     out["data"] = [dumps_deterministic(d) for d in data]
     out["energies"] = [float(d.energy) for d in data]
+    out["max_free_force"] = [_max_free_force(d) for d in data]
+    out["force_hist"] = sum(np.histogram(_free_force_norms(d), FORCE_BINS)[0] for d in data).tolist()
     out["n_rattled"] = cfg.rattled_per_system
+    out["n_broken"] = n_broken
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _free_force_norms(d) -> np.ndarray:
+    """[n_free] force norms (eV/A) on the free atoms of a record, clipped into FORCE_BINS' range."""
+    norms = d.forces[d.fixed == 0].double().norm(dim=1).numpy()
+    return np.clip(norms, FORCE_BINS[0], FORCE_BINS[-1])
+
+
+def _max_free_force(d) -> float:
+    """The largest force norm on a free atom of a record (0 when every atom is fixed)."""
+    f = d.forces[d.fixed == 0]  # [n_free, 3]
+    return float(f.norm(dim=1).max()) if len(f) else 0.0
+
+
+def _is2rs_system(cand, init, n_slab, slab_relaxed, e_slab, k, t0) -> dict:
+    """A reference relaxation for the IS2RS set: free, converged and unbroken, or not kept."""
+    from .is2rs import is2rs_data
+
+    cfg: GenConfig = _W["cfg"]
+    atoms, frames, converged, reasons, aborted = _sample(init, n_slab, False, cfg.is2rs_max_steps, True,
+                                                         slab_relaxed)
+    if not reasons and not converged:
+        reasons = ["not_converged"]
+    out = {"candidate": cand, "slab_index": k, "converged": converged, "steps": len(frames),
+           "anomalies": reasons, "aborted_early": aborted, "data": [], "natoms": len(atoms), "e_slab": e_slab,
+           "rigid": False, "broken": None}
+    if not reasons:
+        e_ref = e_slab + sum(_W["refs"][s] for s in atoms.get_chemical_symbols()[n_slab:])
+        # frames[0] is the initial structure (BFGS yields before its first step)
+        y_init, y_relaxed = frames[0][1] - e_ref, frames[-1][1] - e_ref
+        rec = is2rs_data(init, atoms.get_positions(), y_init, y_relaxed, e_ref, cand["sid"])
+        out["data"] = [dumps_deterministic(rec)]
+        out["energies"] = [y_relaxed]
+        out["y_init"] = y_init
     out["seconds"] = time.perf_counter() - t0
     return out
 
@@ -486,10 +604,10 @@ def _generate(cfg: GenConfig, out_dir: Path, workers: int, progress: bool,
     refs = gas_references(calc)
 
     targets = cfg.targets()
-    kept: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    next_idx = {s: 0 for s in SPLITS}
+    kept: dict[str, list[dict]] = {s: [] for s in targets}
+    next_idx = {s: 0 for s in targets}
     used: set = set()
-    stats = {s: Counter() for s in SPLITS}
+    stats = {s: Counter() for s in targets}
     rate = 1.0  # initial guess of the kept fraction; updated from what was seen
     bar = _progress(0, "relaxations") if progress else None
     cfg_json = json.dumps(cfg.to_json())
@@ -499,7 +617,7 @@ def _generate(cfg: GenConfig, out_dir: Path, workers: int, progress: bool,
         _worker_init(cfg_json, refs, catalysts)
     try:
         while True:
-            need = {s: targets[s] - len(kept[s]) for s in SPLITS if len(kept[s]) < targets[s]}
+            need = {s: targets[s] - len(kept[s]) for s in targets if len(kept[s]) < targets[s]}
             if not need:
                 break
             batch = []
@@ -527,7 +645,7 @@ def _generate(cfg: GenConfig, out_dir: Path, workers: int, progress: bool,
                 done += res
                 if bar is not None:
                     bar.update(len(res))
-            done.sort(key=lambda o: (SPLITS.index(o["candidate"]["split"]), o["candidate"]["index"]))
+            done.sort(key=lambda o: (STREAMS.index(o["candidate"]["split"]), o["candidate"]["index"]))
             for o in done:
                 s = o["candidate"]["split"]
                 stats[s]["tried"] += 1
@@ -535,12 +653,13 @@ def _generate(cfg: GenConfig, out_dir: Path, workers: int, progress: bool,
                     stats[s][a] += 1
                 if o["anomalies"]:
                     stats[s]["anomalous"] += 1
-                if o["anomalies"] and not cfg.keep_anomalies:
+                if o["anomalies"] and (s == IS2RS or not cfg.keep_anomalies):
                     continue
                 if len(kept[s]) < targets[s]:
                     kept[s].append(o)
             tried = sum(st["tried"] for st in stats.values())
-            good = sum(st["tried"] - (0 if cfg.keep_anomalies else st["anomalous"]) for st in stats.values())
+            good = sum(st["tried"] - (0 if cfg.keep_anomalies and s != IS2RS else st["anomalous"])
+                       for s, st in stats.items())
             rate = good / max(tried, 1)
             if bar is not None:
                 bar.set_postfix_str(f"kept {sum(len(k) for k in kept.values())}/{sum(targets.values())}")
@@ -560,13 +679,14 @@ def _generate(cfg: GenConfig, out_dir: Path, workers: int, progress: bool,
         "forces": "calculator forces on all atoms, eV/A (fixed atoms included, as in OC20)",
         "frames": "sid = relaxation id (unique across splits); fid = BFGS step for relaxation frames, "
                   "fid >= number of steps for rattled frames (free atoms displaced, rattle_std)",
-        "sampling": "adsorbate held rigid during relaxation (labels unconstrained)" if cfg.rigid
-                    else "free relaxation",
+        "sampling": SAMPLING[cfg.rigid],
         "gas_references_eV": refs,
         "partition": {"adsorbates": {k: [adsorbate_smiles(a) for a in v] for k, v in part["ads"].items()},
                       "catalysts": part["cat"]},
         "splits": {},
         "filtered": {},
+        "force_bins_eV_per_A": [float(b) for b in FORCE_BINS],
+        "near_minimum": f"frames whose largest free-atom force is below {NEAR_MIN} eV/A",
     }
     s2ef = out_dir / "s2ef"
     with atomic_dir(s2ef) as tmp:
@@ -575,13 +695,22 @@ def _generate(cfg: GenConfig, out_dir: Path, workers: int, progress: bool,
             energies = [e for o in kept[s] for e in o["energies"]]
             write_raw_lmdb_dir(tmp / s, data, [o["natoms"] for o in kept[s] for _ in o["data"]])
             n_rattled = sum(o.get("n_rattled", 0) for o in kept[s])
+            n_broken = sum(o.get("n_broken", 0) for o in kept[s])
             natoms = [o["natoms"] for o in kept[s]]
+            fmax = np.array([f for o in kept[s] for f in o["max_free_force"]])
             summary["splits"][s] = {
                 "systems": len(kept[s]),
                 "frames": len(data),
-                "relaxation_frames": len(data) - n_rattled,
+                "relaxation_frames": len(data) - n_rattled - n_broken,
                 "rattled_frames": n_rattled,
+                "broken_frames": n_broken,
+                "systems_sampled_free": sum(not o["rigid"] for o in kept[s]),
+                "systems_sampled_rigid": sum(o["rigid"] for o in kept[s]),
                 "converged_relaxations": sum(o["converged"] for o in kept[s]),
+                "near_minimum_frames": int((fmax < NEAR_MIN).sum()),
+                "near_minimum_share": float((fmax < NEAR_MIN).mean()),
+                "max_free_force_quantiles": {f"q{q}": float(np.quantile(fmax, q / 100)) for q in (5, 25, 50, 75, 95)},
+                "free_force_histogram": [int(c) for c in np.sum([o["force_hist"] for o in kept[s]], axis=0)],
                 "natoms_min": int(min(natoms)), "natoms_max": int(max(natoms)),
                 "natoms_mean": float(np.mean(natoms)),
                 "energy_mean": float(np.mean(energies)),
@@ -598,12 +727,95 @@ def _generate(cfg: GenConfig, out_dir: Path, workers: int, progress: bool,
                                       "anomalous": int(st["anomalous"]),
                                       **{a: int(st[a]) for a in ANOMALIES},
                                       "action": "kept with field `anomaly`" if cfg.keep_anomalies else "dropped"}
+        force_histogram_png(summary, tmp / "forces.png")
+        if IS2RS in targets:
+            from .is2rs import write_is2rs
+
+            # written (atomically) before s2ef/summary.json, which marks a complete dataset
+            outs = kept[IS2RS]
+            write_is2rs(out_dir / IS2RS, [pickle.loads(d) for o in outs for d in o["data"]])
+            st = stats[IS2RS]
+            summary[IS2RS] = {
+                "path": str(out_dir / IS2RS),
+                "systems": len(outs),
+                "pools": f"val_id's (seen adsorbates of at most {cfg.is2rs_max_adsorbate_atoms} atoms on seen "
+                         "catalysts), systems in no S2EF split",
+                "reference": f"free BFGS relaxation to fmax {cfg.fmax} eV/A within {cfg.is2rs_max_steps} steps, "
+                             "adsorbate unbroken (OC20's anomaly checks)",
+                "candidates_tried": int(st["tried"]),
+                "dropped": {k: int(st[k]) for k in (*ANOMALIES, "not_converged") if st[k]},
+                "steps_mean": float(np.mean([o["steps"] for o in outs])) if outs else 0.0,
+                "y_init_minus_y_relaxed_mean_eV": float(np.mean([o["y_init"] - o["energies"][0] for o in outs]))
+                                                  if outs else 0.0,
+            }
         summary["timing_s"] = {"label_and_relax": round(t_label, 2),
                                "total": round(time.perf_counter() - t_start, 2), "workers": workers}
         summary["catalysts"] = {c.name: {"prototype": c.prototype, "elements": list(c.elements)} for c in catalysts}
         summary["fingerprint"] = fingerprint(cfg, catalysts)
+        summary["kernels"] = kernels()
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
+
+
+SAMPLING = {
+    "on": "adsorbate held rigid during relaxation (labels unconstrained)",
+    "off": "free relaxation",
+    "as_needed": "free relaxation; where it breaks the adsorbate (OC20's anomaly checks), a few of its frames "
+                 "flagged (`anomaly` > 0, fid >= 10000) and the rest from a relaxation with the adsorbate held "
+                 "rigid (`rigid` 1; labels unconstrained)",
+}
+
+
+def force_histogram_png(summary: dict, path: Path) -> None:
+    """Free-atom |F| per split, and each frame's largest one against the near-minimum line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bins = np.array(summary["force_bins_eV_per_A"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for s, sp in summary["splits"].items():
+        counts = np.array(sp["free_force_histogram"], dtype=float)
+        ax.stairs(counts / max(counts.sum(), 1), bins,
+                  label=f"{s}: {100 * sp['near_minimum_share']:.1f} % of frames near a minimum")
+    ax.axvline(NEAR_MIN, color="k", ls="--", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("|F| on a free atom (eV/Å)")
+    ax.set_ylabel("share of free atoms")
+    ax.set_title(f"force distribution per split (dashed: {NEAR_MIN} eV/Å)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, metadata={"Software": None})
+    plt.close(fig)
+
+
+def numpy_dispatch_features() -> list[str]:
+    """Numpy's run-time-dispatched SIMD targets this CPU has and this process uses."""
+    try:
+        from numpy.core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+    except ImportError:  # numpy >= 2 moved them
+        from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+    return [f for f in __cpu_dispatch__ if __cpu_features__.get(f)]
+
+
+def kernels() -> dict:
+    """What this process computes with: recorded in summary.json beside the data."""
+    import platform
+
+    from threadpoolctl import threadpool_info
+
+    return {
+        "pinned": os.environ.get(PINNED_MARK) == "1",
+        "machine": platform.machine(),
+        "glibc": "-".join(platform.libc_ver()),
+        "numpy": np.__version__,
+        "numpy_simd_dispatch": numpy_dispatch_features(),
+        "blas": [{k: i.get(k) for k in ("internal_api", "version", "architecture", "num_threads", "filepath")}
+                 for i in threadpool_info() if i.get("user_api") == "blas"],
+        "env": {k: os.environ.get(k) for k in (*THREAD_ENV, "OPENBLAS_CORETYPE", "NPY_DISABLE_CPU_FEATURES",
+                                               "GLIBC_TUNABLES", "ATEN_CPU_CAPABILITY")},
+    }
 
 
 def _formula_elements(o: dict) -> set[str]:
@@ -656,4 +868,5 @@ def existing_matches(out_dir: Path | str, cfg: GenConfig, catalysts: list[Cataly
         return False
     if summary.get("fingerprint") != fingerprint(cfg, catalysts):
         return False
-    return all((s2ef / s / "data.lmdb").is_file() and (s2ef / s / "metadata.npz").is_file() for s in SPLITS)
+    folders = [s2ef / s for s in SPLITS] + ([Path(out_dir) / IS2RS] if cfg.is2rs_systems else [])
+    return all((f / "data.lmdb").is_file() and (f / "metadata.npz").is_file() for f in folders)

@@ -23,6 +23,10 @@ Sub-commands (``leignn-evaluate <cmd> -h`` for the options; ``python -m leignn_o
                  --config-yml configs/s2ef/200k/gemnet_dt.yml
   score    the local scorer: a submission .npz against labelled LMDBs, with fairchem's Evaluator
              leignn-evaluate score sub/submission.npz --data-root data/default/s2ef
+  relaxations  IS2RS / IS2RE: relax an IS2RS set with `fairchem --mode run-relaxations` per (model,
+           seed), training what has no checkpoint like `lineup`, scored with the reference calculator
+             leignn-evaluate relaxations --models leignn schnet --checkpoint leignn:0=<ckpt> \
+                 --is2rs data/default/is2rs --out results/relax_default
 
 Device: the GPU when torch sees one (quick, table, lineup, predict; `--gpu` is accepted and makes a
 missing GPU an error), else the CPU; `--cpu` forces the CPU. The choice is logged.
@@ -52,7 +56,7 @@ from leignn_ocp.evaluation.submission import DEFAULT_DTYPE, DTYPES, make_submiss
 from leignn_ocp.evaluation.tables import markdown_table, write_outputs, write_seeded_outputs
 
 PROG = "leignn-evaluate"
-COMMANDS = ("quick", "table", "lineup", "predict", "score", "fit-scales")
+COMMANDS = ("quick", "table", "lineup", "predict", "score", "fit-scales", "relaxations")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -136,6 +140,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("submission")
     p.add_argument("--out", default=None)
     common(p, with_device=False)
+
+    p = sub.add_parser("relaxations", help="IS2RS/IS2RE: train (line-up) or take checkpoints, relax with "
+                                           "fairchem --mode run-relaxations, score vs the reference calculator")
+    p.add_argument("--config-dir", default="configs/s2ef/default")
+    p.add_argument("--is2rs-config-dir", default="configs/is2rs/default")
+    p.add_argument("--models", nargs="*", default=None)
+    p.add_argument("--seeds", "--seed", type=int, nargs="+", default=[0])
+    p.add_argument("--data-root", default="data/default/s2ef")
+    p.add_argument("--is2rs", default="data/default/is2rs", help="IS2RS folder (leignn_ocp.data.is2rs)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--out", default="results/relax_default")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="KEY:SEED=PATH")
+    p.add_argument("--reference", default="emt")
+    p.add_argument("--relax-arg", action="append", default=[],
+                   help="override for the run-relaxations call, e.g. --relax-arg=--task.relaxation_steps=100")
+    device(p)
+    p.add_argument("fairchem_args", nargs="*", help="extra fairchem train overrides, after --")
 
     # listed for --help only: main() hands its arguments to fairchem's own parser
     sub.add_parser("fit-scales", add_help=False,
@@ -244,6 +265,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             (out / "table1.md").write_text(md)
         print(md, end="")
         print(f"wrote {out}/table1.{{md,csv,png,json}} and {out}/learning_curves.png")
+    elif a.cmd == "relaxations":
+        from leignn_ocp.data.is2rs import validate_is2rs
+        from leignn_ocp.evaluation.relaxations import run_relaxation_benchmark
+
+        ckpts = {}
+        for spec in a.checkpoint:
+            if "=" not in spec or ":" not in spec.split("=", 1)[0]:
+                raise SystemExit(f"--checkpoint expects KEY:SEED=PATH, got {spec!r}")
+            name, path = spec.split("=", 1)
+            key, seed = name.rsplit(":", 1)
+            ckpts[f"{lineup.get(key).key if key in lineup.KEYS else key}:{int(seed)}"] = path
+        data = Path(a.data_root)
+        from leignn_ocp.data.lmdb_io import LmdbValidationError
+
+        try:
+            validate_is2rs(a.is2rs)
+        except LmdbValidationError as exc:
+            raise SystemExit(f"{PROG} relaxations: error: {exc}") from exc
+        run_relaxation_benchmark(Path(a.config_dir), Path(a.is2rs), Path(a.out), models=a.models, seeds=a.seeds,
+                                 checkpoints=ckpts, reference=a.reference, is2rs_config_dir=Path(a.is2rs_config_dir),
+                                 relax_args=[f"--dataset.train.src={data / 'train'}",
+                                             f"--dataset.val.src={data / 'val_id'}", *a.relax_arg],
+                                 cpu=cpu, epochs=a.epochs, data_root=data, extra_args=a.fairchem_args)
     elif a.cmd == "predict":
         ckpt = find_checkpoint(a.checkpoint, a.which)
         files = predict_splits(ckpt, a.data_root, Path(a.out), a.split_prefix, cpu, a.batch_size, a.dtype)
