@@ -304,6 +304,19 @@ def test_leignn_recipes_train_without_weight_decay(size, key):
     assert opt.param_groups[0]["amsgrad"] is True and opt.param_groups[0]["lr"] == pytest.approx(2e-4)
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs/md").glob("*_leignn*.yml")))
+def test_md_benchmark_configs_train_without_weight_decay(name, monkeypatch):
+    """The MD benchmark's models: what fairchem builds is AdamW(amsgrad) at lr 2e-3 with weight
+    decay 0 on every parameter (configs/md/base.yml), not the 0.01 an optim.weight_decay: 0 gives."""
+    from fairchem.core.common.utils import load_config
+
+    monkeypatch.chdir(REPO)  # includes resolve against the cwd first, as leignn-md-benchmark runs them
+    opt = _fairchem_optimizer(load_config(f"configs/md/{name}")[0], torch.nn.Linear(3, 2))
+    assert isinstance(opt, torch.optim.AdamW)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0]
+    assert opt.param_groups[0]["amsgrad"] is True and opt.param_groups[0]["lr"] == pytest.approx(2e-3)
+
+
 @pytest.mark.parametrize("key", KEYS)
 def test_default_protocol_trains_every_model_without_weight_decay(key):
     """The embedded-data line-up's one protocol: the optimizer fairchem builds for every model is

@@ -415,15 +415,20 @@ def test_frames_to_lmdb_refuses_repeated_sids(tmp_path, emt_reference):
         frames_to_lmdb(frames, tmp_path / "x", sids=[5, 5])
 
 
-def test_conservative_config_fits_one_scale_for_energy_and_forces(emt_reference):
-    """The conservative MD config's normalizer is fitted at run time (energy mean from the
-    data) with equal energy and force scales, so gradient forces stay -dE/dx."""
+@pytest.mark.parametrize("system", ["ethanol", "cu_liquid", "cu_solid"])
+def test_conservative_config_fits_one_scale_for_energy_and_forces(system, emt_reference, monkeypatch):
+    """Each system's conservative MD config is its direct config with gradient forces, and its
+    normalizer is fitted at run time (energy mean from the data) with equal energy and force
+    scales, so gradient forces stay -dE/dx."""
     from fairchem.core.common.utils import load_config
     from fairchem.core.modules.normalization.normalizer import load_normalizers_from_config
 
     out, frames, _ = emt_reference
-    config = load_config(str(REPO / "configs/md/ethanol_leignn_conservative.yml"))[0]
-    assert config["model"]["direct_forces"] is False
+    monkeypatch.chdir(REPO)  # fairchem resolves includes against the cwd first, as the benchmark runs it
+    config = load_config(f"configs/md/{system}_leignn_conservative.yml")[0]
+    direct = load_config(f"configs/md/{system}_leignn.yml")[0]
+    assert config["model"] == {**direct["model"], "direct_forces": False} and direct["model"]["direct_forces"]
+    assert config["dataset"]["train"]["src"] == direct["dataset"]["train"]["src"] == f"data/md/{system}/train"
     norm_cfg = config["dataset"]["train"]["transforms"]["normalizer"]
     norms = load_normalizers_from_config(norm_cfg, _lmdb(out / "train"))
     e_train = np.mean([float(d.energy) for d in _lmdb(out / "train")])
@@ -467,6 +472,108 @@ def test_benchmark_val_errors_and_existing_checkpoint(emt_reference, tmp_path):
     assert B.train(tmp_path / "missing.yml", tmp_path / "runs", "leignn", epochs=1) == ckpt
     with pytest.raises(SystemExit, match="missing.yml not found"):
         B.train(tmp_path / "missing.yml", tmp_path / "runs", "leignn", epochs=1, retrain=True)
+
+
+def _split_reference(tmp_path: Path, n: int, train: list[int], val: list[int]) -> Path:
+    from leignn_ocp.md.reference import SPLIT_FRAMES
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    frames = []
+    for i in range(n):
+        a = bulk("Cu", "fcc", a=3.6, cubic=True)
+        a.positions[0, 0] += 0.01 * i  # frame i is told by its first atom
+        frames.append(a)
+    from ase.io import write
+
+    write(str(tmp_path / "reference.traj"), frames)
+    (tmp_path / SPLIT_FRAMES).write_text(json.dumps({"train": train, "val": val}))
+    return tmp_path
+
+
+def test_md_starts_from_a_test_frame_drawn_by_the_seed(tmp_path):
+    from leignn_ocp.md.benchmark import start_frame
+
+    ref = _split_reference(tmp_path, 20, train=list(range(0, 20, 2)), val=[1, 3, 5])
+    picks = {seed: start_frame("cu_solid", ref, seed) for seed in range(12)}
+    idx = {seed: a.info["reference_frame"] for seed, a in picks.items()}
+    assert set(idx.values()) <= {7, 9, 11, 13, 15, 17, 19}  # in neither split
+    assert len(set(idx.values())) > 2  # the seed draws it
+    assert start_frame("cu_solid", ref, 3).info["reference_frame"] == idx[3]
+    for seed, a in picks.items():
+        assert a.positions[0, 0] == pytest.approx(0.01 * idx[seed])
+    ref2 = _split_reference(tmp_path / "full", 3, train=[0, 1], val=[2])
+    with pytest.raises(SystemExit, match="every reference frame is in train/ or val/"):
+        start_frame("cu_solid", ref2, 0)
+    (ref2 / "split_frames.json").unlink()
+    with pytest.raises(SystemExit, match=r"split_frames.json not found.*leignn-md-reference --system cu_solid"):
+        start_frame("cu_solid", ref2, 0)
+
+
+def _run(variant: str, seed: int, **metrics) -> dict:
+    return {"variant": variant, "seed": seed, "epochs": 6, "val_errors": {"forces_mae_meV_per_A": 20.0 + seed},
+            "md": {"steps_requested": 25000}, "metrics": metrics}
+
+
+def test_protocol_table_is_mean_and_sample_std_over_seeds():
+    from leignn_ocp.md.benchmark import aggregate, protocol_markdown
+
+    runs = [_run("direct", s, stable_ps=50.0 - 10 * s, rdf_mae=0.1 * (s + 1), **{"D_abs_error_1e-5_cm2_per_s": 0.3})
+            for s in range(3)]
+    runs.append(_run("conservative", 0, stable_ps=50.0, rdf_mae=0.05, **{"D_abs_error_1e-5_cm2_per_s": None}))
+    rep = {"stable_ps": 50.0, "rdf_mae": 0.02, "D_abs_error_1e-5_cm2_per_s": 0.01, "length_ps": 50.0}
+    table = aggregate("cu_liquid", runs, rep)
+    d = table["direct"]
+    assert d["stable_ps"] == {"mean": 40.0, "std": pytest.approx(10.0), "n": 3}  # ddof 1
+    assert d["rdf_mae"]["mean"] == pytest.approx(0.2) and d["rdf_mae"]["std"] == pytest.approx(0.1)
+    assert d["forces_mae_meV_per_A"]["mean"] == pytest.approx(21.0) and d["md_ps"] == 50.0
+    assert table["conservative"]["D_abs_error_1e-5_cm2_per_s"] == {"mean": None, "std": None, "n": 0}
+    md = protocol_markdown({"cu_liquid": {"table": table}, "nve_drift": {}})
+    rows = md.splitlines()
+    assert len(rows) == 5
+    assert rows[2].startswith("| cu_liquid | LEIGNN, direct | 3 | 6 | 50 | 21.0 ± 1.0 | 40.0 ± 10.0 | 0.200 ± 0.100 | – |")
+    assert rows[3] == "| cu_liquid | LEIGNN, conservative | 1 | 6 | 50 | 20.0 | 50.0 | 0.050 | – | – |"
+    assert rows[4] == "| cu_liquid | reference replicate | – | – | 50 | – | 50.0 | 0.020 | – | 0.010 |"
+
+
+def test_md_benchmark_end_to_end_on_a_tiny_solid(tmp_path, monkeypatch):
+    """The real fairchem CLI trains one model per seed, MD starts from each seed's test frame,
+    and summary.json / protocol.md / protocol.png come out; a second call reuses everything."""
+    from leignn_ocp.md import benchmark as B
+    from leignn_ocp.md.reference import SYSTEMS
+
+    tiny = {**SYSTEMS["cu_solid"], "size": 2, "save_every": 2, "equil_ps": 0.02, "ref_ps": 0.4,
+            "replicate_ps": 0.2, "n_train": 8, "n_val": 4}
+    monkeypatch.setitem(SYSTEMS, "cu_solid", tiny)
+    monkeypatch.chdir(REPO)
+    kw = dict(systems=["cu_solid"], data=tmp_path / "data", runs=tmp_path / "runs", out=tmp_path / "out",
+              epochs=1, md_ps=0.02, seeds=(0, 1), variants=("direct",), progress=False)
+    summary = B.run_benchmark(**kw)
+    entry = summary["cu_solid"]
+    assert [(r["variant"], r["seed"]) for r in entry["runs"]] == [("direct", 0), ("direct", 1)]
+    used = set(sum(json.loads((tmp_path / "data/cu_solid/split_frames.json").read_text()).values(), []))
+    for r in entry["runs"]:
+        ck = torch.load(r["checkpoint"], map_location="cpu", weights_only=False)
+        assert ck["config"]["cmd"]["seed"] == r["seed"]  # one training per seed
+        assert r["md"]["steps_done"] == 10 and r["md"]["start_reference_frame"] not in used
+        m = r["metrics"]  # a 1-epoch model may leave the reference's RDF in the first window
+        assert m["stable_ps"] == (pytest.approx(0.02) if m["stable"] else 0.0)
+        assert (m["rdf_mae"] is None) == (not m["stable"]) and m["D_reference_1e-5_cm2_per_s"] is not None
+        assert Path(r["md"]["trajectory"]).parent == tmp_path / f"out/cu_solid/direct/seed{r['seed']}"
+    assert entry["table"]["direct"]["stable_ps"]["n"] == 2
+    md = (tmp_path / "out/protocol.md").read_text()
+    assert "| cu_solid | LEIGNN, direct | 2 | 1 | 0.02 |" in md and "| cu_solid | reference replicate |" in md
+    assert (tmp_path / "out/protocol.png").stat().st_size > 0
+    assert json.loads((tmp_path / "out/summary.json").read_text())["cu_solid"]["table"] == entry["table"]
+    again = B.run_benchmark(**kw)  # nothing is trained or run again
+    assert [r["checkpoint"] for r in again["cu_solid"]["runs"]] == [r["checkpoint"] for r in entry["runs"]]
+    assert [r["md"]["wall_s"] for r in again["cu_solid"]["runs"]] == [r["md"]["wall_s"] for r in entry["runs"]]
+
+
+def test_md_benchmark_refuses_a_bad_length(capsys):
+    from leignn_ocp.md.benchmark import main
+
+    with pytest.raises(SystemExit, match="--md-ps must be > 0 and --epochs >= 1, not 0.0 / None"):
+        main(["--md-ps", "0"])
 
 
 # ----------------------------------------------------------------------------- MD throughput

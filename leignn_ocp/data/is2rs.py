@@ -52,10 +52,14 @@ def is2rs_data(init: Atoms, relaxed_positions: np.ndarray, y_init: float, y_rela
     return data
 
 
+def _missing(d: Data) -> list[str]:
+    return [f for f in IS2RS_FIELDS if getattr(d, f, None) is None]
+
+
 def write_is2rs(out_dir: Path, records: Sequence[Data]) -> Path:
     """``out_dir/data.lmdb`` + ``metadata.npz``, as the S2EF splits are written (checked first)."""
     for i, d in enumerate(records):
-        missing = [f for f in IS2RS_FIELDS if getattr(d, f, None) is None]
+        missing = _missing(d)
         if missing:
             raise IS2RSValidationError(f"record {i} has no {', '.join(repr(f) for f in missing)} "
                                        "(build records with leignn_ocp.data.is2rs.is2rs_data)")
@@ -70,7 +74,7 @@ def validate_is2rs(path: Path | str) -> int:
         raise IS2RSValidationError(f"IS2RS set {path} does not exist")
     n = validate_lmdb(path, required=(), max_check=None)
     for i, d in read_is2rs(path):
-        missing = [f for f in IS2RS_FIELDS if getattr(d, f, None) is None]
+        missing = _missing(d)
         if missing:
             raise IS2RSValidationError(
                 f"{path}: record {i} has no {', '.join(repr(f) for f in missing)}: not an IS2RS set "

@@ -266,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(md, end="")
         print(f"wrote {out}/table1.{{md,csv,png,json}} and {out}/learning_curves.png")
     elif a.cmd == "relaxations":
-        from leignn_ocp.data.is2rs import validate_is2rs
+        from leignn_ocp.data.lmdb_io import LmdbValidationError
         from leignn_ocp.evaluation.relaxations import run_relaxation_benchmark
 
         ckpts = {}
@@ -277,17 +277,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             key, seed = name.rsplit(":", 1)
             ckpts[f"{lineup.get(key).key if key in lineup.KEYS else key}:{int(seed)}"] = path
         data = Path(a.data_root)
-        from leignn_ocp.data.lmdb_io import LmdbValidationError
-
-        try:
-            validate_is2rs(a.is2rs)
+        try:  # the IS2RS set is validated first thing, before anything long
+            run_relaxation_benchmark(Path(a.config_dir), Path(a.is2rs), Path(a.out), models=a.models,
+                                     seeds=a.seeds, checkpoints=ckpts, reference=a.reference,
+                                     is2rs_config_dir=Path(a.is2rs_config_dir),
+                                     relax_args=[f"--dataset.train.src={data / 'train'}",
+                                                 f"--dataset.val.src={data / 'val_id'}", *a.relax_arg],
+                                     cpu=cpu, epochs=a.epochs, data_root=data, extra_args=a.fairchem_args)
         except LmdbValidationError as exc:
             raise SystemExit(f"{PROG} relaxations: error: {exc}") from exc
-        run_relaxation_benchmark(Path(a.config_dir), Path(a.is2rs), Path(a.out), models=a.models, seeds=a.seeds,
-                                 checkpoints=ckpts, reference=a.reference, is2rs_config_dir=Path(a.is2rs_config_dir),
-                                 relax_args=[f"--dataset.train.src={data / 'train'}",
-                                             f"--dataset.val.src={data / 'val_id'}", *a.relax_arg],
-                                 cpu=cpu, epochs=a.epochs, data_root=data, extra_args=a.fairchem_args)
     elif a.cmd == "predict":
         ckpt = find_checkpoint(a.checkpoint, a.which)
         files = predict_splits(ckpt, a.data_root, Path(a.out), a.split_prefix, cpu, a.batch_size, a.dtype)

@@ -1,11 +1,12 @@
 """Reference MD systems for the LEIGNN MD benchmark, made offline with real calculators.
 
-Two systems play the roles of the MDSim benchmark's data sets (Fu et al., TMLR 2023):
+Three systems play the roles of the MDSim benchmark's data sets (Fu et al., TMLR 2023):
 
 * ``ethanol``   - MD17-like: one ethanol molecule, GFN2-xTB (``tblite``), Nose-Hoover
                   chain at 500 K, 0.5 fs (MDSim's molecular protocol).
 * ``cu_liquid`` - LiPS-like condensed phase: liquid copper in a periodic box, ASE EMT,
                   melted at 3000 K, then Nose-Hoover chain at 1500 K, 2 fs.
+* ``cu_solid``  - the solid: fcc copper (108 atoms) at 800 K, ASE EMT, Nose-Hoover chain, 2 fs.
 
 For each system the script writes, under ``--out/<system>/``:
 
@@ -16,6 +17,8 @@ For each system the script writes, under ``--out/<system>/``:
 * ``train/``, ``val/`` fairchem S2EF LMDBs (``data.lmdb``) of disjoint frames drawn at random
                       from ``reference.traj``, the way MD17 models are trained on MD17 frames;
                       a frame's ``sid`` is its index in ``reference.traj``;
+* ``split_frames.json`` which ``reference.traj`` frames are in ``train/`` and ``val/``; the
+                      others are the test frames model MD starts from;
 * ``reference.json``  protocol, timings and where everything is.
 
 Usage::
@@ -47,8 +50,8 @@ SYSTEMS = {
         timestep_fs=0.5,
         save_every=10,  # 5 fs between frames
         equil_ps=1.0,
-        ref_ps=10.0,
-        replicate_ps=5.0,
+        ref_ps=50.0,  # as long as a model run (the paper's 50 ps): the reference's own h(r) noise stays small
+        replicate_ps=50.0,
         tdamp_fs=50.0,
         n_train=1000,
         n_val=200,
@@ -62,8 +65,8 @@ SYSTEMS = {
         save_every=10,  # 20 fs between frames
         melt_ps=2.0,
         equil_ps=2.0,
-        ref_ps=20.0,
-        replicate_ps=10.0,
+        ref_ps=50.0,
+        replicate_ps=50.0,
         tdamp_fs=100.0,
         n_train=300,
         n_val=50,
@@ -71,7 +74,25 @@ SYSTEMS = {
         size=3,  # 3x3x3 fcc cells = 108 atoms
         lattice_A=3.75,  # ~ liquid Cu density (8.96 * (3.61/3.75)^3 = 8.0 g/cm3)
     ),
+    "cu_solid": dict(
+        calculator="ASE EMT",
+        temperature_K=800.0,  # 0.6 of Cu's melting point: a hot crystal that stays one
+        timestep_fs=2.0,
+        save_every=10,
+        equil_ps=2.0,
+        ref_ps=50.0,
+        replicate_ps=50.0,
+        tdamp_fs=100.0,
+        n_train=300,
+        n_val=50,
+        periodic=True,
+        size=3,  # 108 atoms, the liquid's box
+        lattice_A=3.63,  # EMT's 3.59 A at 0 K, expanded by ~1 % for 800 K
+    ),
 }
+
+
+SPLIT_FRAMES = "split_frames.json"
 
 
 def make_calculator(system: str):
@@ -152,7 +173,7 @@ def make_trajectories(system: str, out: Path, spec: dict, seed: int, log=print) 
         atoms = initial_atoms(system, spec)
         atoms.calc = make_calculator(system)
         t = time.perf_counter()
-        if spec["periodic"]:
+        if spec.get("melt_ps"):
             # melt the crystal, then equilibrate the liquid at the target temperature
             from ase.md.langevin import Langevin
 
@@ -215,6 +236,8 @@ def make_lmdbs(system: str, out: Path, spec: dict, seed: int, n_train: int | Non
     tr, va = sorted(idx[:n_train].tolist()), sorted(idx[n_train:n_train + n_val].tolist())
     frames_to_lmdb([frames[i] for i in tr], out / "train", sids=tr)  # disjoint: distinct sids
     frames_to_lmdb([frames[i] for i in va], out / "val", sids=va)
+    # the rest are test frames, where model MD starts (leignn_ocp.md.benchmark.start_frame)
+    (out / SPLIT_FRAMES).write_text(json.dumps({"train": tr, "val": va}))
     e = np.array([frames[i].get_potential_energy() for i in tr])
     f = np.concatenate([frames[i].get_forces() for i in tr])
     stats = dict(n_train=len(tr), n_val=len(va), energy_mean=float(e.mean()), energy_std=float(e.std()),
