@@ -126,31 +126,32 @@ def evaluate_run(system: str, traj: str | Path, reference: Sequence, out_dir: Pa
     return M.evaluate_molecule(traj, reference, out_dir, name=name)
 
 
-def start_frame(system: str, data_dir: str | Path, seed: int):
+def start_frame(system: str, data_dir: str | Path, seed: int, frames: Sequence | None = None):
     """MDSim starts every run from a random test configuration: a ``reference.traj`` frame in
-    neither LMDB, drawn by ``seed`` (its velocities are drawn again by :func:`run_md`)."""
-    from ase.io import read
-
+    neither LMDB, drawn by ``seed`` (its velocities are drawn again by :func:`run_md`).
+    ``frames``: ``reference.traj`` already loaded (default: read here)."""
     data_dir = Path(data_dir)
     split = data_dir / SPLIT_FRAMES
     if not split.exists():
         raise SystemExit(f"{split} not found: these reference data predate it; make them again with "
                          f"leignn-md-reference --system {system} --out {data_dir.parent}")
     used = {int(i) for part in json.loads(split.read_text()).values() for i in part}
-    frames = read(str(data_dir / "reference.traj"), ":")
+    frames = M.load_frames(str(data_dir / "reference.traj")) if frames is None else frames
     test = [i for i in range(len(frames)) if i not in used]
     if not test:
         raise SystemExit(f"{system}: every reference frame is in train/ or val/; no test frame to start from")
     i = test[int(np.random.default_rng(seed).integers(len(test)))]
-    atoms = frames[i]
+    atoms = frames[i].copy()
     atoms.info = {"reference_frame": i}
     return atoms
 
 
 def run_seed(system: str, variant: str, seed: int, data_dir: Path, runs_dir: Path, out_dir: Path,
              config_dir: str | Path, epochs: int, md_ps: float, ref_frames: Sequence, ref_d: dict | None,
-             retrain: bool = False, rerun_md: bool = False, progress: bool = True) -> dict:
-    """Train one (variant, seed) model, run its MD from the seed's test frame, score it."""
+             h_ref: np.ndarray | None = None, retrain: bool = False, rerun_md: bool = False,
+             progress: bool = True) -> dict:
+    """Train one (variant, seed) model, run its MD from the seed's test frame, score it.
+    ``h_ref``: the reference's h(r) (molecules; from :func:`metrics.distance_histogram`)."""
     from ase.io import read
 
     from leignn_ocp.md.calculator import LEIGNNCalculator
@@ -167,7 +168,7 @@ def run_seed(system: str, variant: str, seed: int, data_dir: Path, runs_dir: Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     traj = out_dir / "md.traj"
     done = traj.with_suffix(".json")
-    start = start_frame(system, data_dir, seed)
+    start = start_frame(system, data_dir, seed, ref_frames)
     t = time.perf_counter()
     old = json.loads(done.read_text()) if done.exists() else {}
     if (not rerun_md and old.get("steps_requested") == steps and old.get("checkpoint") == str(ckpt)
@@ -183,19 +184,18 @@ def run_seed(system: str, variant: str, seed: int, data_dir: Path, runs_dir: Pat
     res["md"] = md
     res["metrics"] = evaluate_run(system, str(traj), ref_frames, out_dir, variant, ref_d)
     if not spec["periodic"]:
-        res["metrics"].update(_hr_by_length(M.load_frames(str(traj)), ref_frames, res["metrics"]["stable_ps"]))
+        res["metrics"].update(_hr_by_length(M.load_frames(str(traj)), h_ref, res["metrics"]["stable_ps"]))
     m = res["metrics"]
     print(f"  [{system} {variant} seed {seed}] {md['simulated_ps']:.1f} ps in {time.perf_counter() - t:.0f} s, "
           f"stable {m['stable_ps']:.1f} ps, {_CURVE_KEY[spec['periodic']]} {m[_CURVE_KEY[spec['periodic']]]}")
     return res
 
 
-def _hr_by_length(frames: Sequence, ref_frames: Sequence, stable_ps: float) -> dict:
+def _hr_by_length(frames: Sequence, h_ref: np.ndarray, stable_ps: float) -> dict:
     """h(r) MAE of the first ``SHORT_PS`` of a run beside the whole: how much of a short
-    run's h(r) error is sampling noise rather than the model."""
+    run's h(r) error is sampling noise rather than the model. ``h_ref``: the reference's h(r)."""
     t = M.frame_times_ps(frames)
     short = [a for a, ti in zip(frames, t) if ti <= min(SHORT_PS, stable_ps) + 1e-9]
-    _, h_ref = M.distance_histogram(ref_frames)
     return {f"hr_mae_first_{SHORT_PS:g}ps": M.curve_mae(M.distance_histogram(short)[1], h_ref) if len(short) > 1 else None}
 
 
@@ -294,14 +294,15 @@ def run_system(system: str, data_dir: str | Path, runs_dir: str | Path, out_dir:
     replicate = M.load_frames(str(data_dir / "replicate.traj"))
     ref_d = (M.diffusivity(ref_frames, M.frame_times_ps(ref_frames), SPECIES.get(system))
              if spec["periodic"] else None)
+    curve = M.rdf if spec["periodic"] else M.distance_histogram
+    r, g_ref = curve(ref_frames)  # [bins]: once, for the overlay and the short-run h(r) MAEs
+    h_ref = None if spec["periodic"] else g_ref
     rep = evaluate_run(system, replicate, ref_frames, out_dir, "replicate", ref_d)
     if not spec["periodic"]:
-        rep.update(_hr_by_length(replicate, ref_frames, rep["stable_ps"]))
+        rep.update(_hr_by_length(replicate, h_ref, rep["stable_ps"]))
     runs = [run_seed(system, v, s, data_dir, runs_dir, out_dir / v / f"seed{s}", config_dir,
-                     epochs or EPOCHS[system], md_ps, ref_frames, ref_d, retrain, rerun_md, progress)
+                     epochs or EPOCHS[system], md_ps, ref_frames, ref_d, h_ref, retrain, rerun_md, progress)
             for v in variants for s in seeds]
-    curve = M.rdf if spec["periodic"] else M.distance_histogram
-    r, g_ref = curve(ref_frames)
     curves = {"reference": g_ref, "reference replicate": curve(replicate)[1]}
     for run in runs:
         if run["seed"] == seeds[0]:

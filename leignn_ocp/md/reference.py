@@ -74,23 +74,11 @@ SYSTEMS = {
         size=3,  # 3x3x3 fcc cells = 108 atoms
         lattice_A=3.75,  # ~ liquid Cu density (8.96 * (3.61/3.75)^3 = 8.0 g/cm3)
     ),
-    "cu_solid": dict(
-        calculator="ASE EMT",
-        temperature_K=800.0,  # 0.6 of Cu's melting point: a hot crystal that stays one
-        timestep_fs=2.0,
-        save_every=10,
-        equil_ps=2.0,
-        ref_ps=50.0,
-        replicate_ps=50.0,
-        tdamp_fs=100.0,
-        n_train=300,
-        n_val=50,
-        periodic=True,
-        size=3,  # 108 atoms, the liquid's box
-        lattice_A=3.63,  # EMT's 3.59 A at 0 K, expanded by ~1 % for 800 K
-    ),
 }
-
+# the solid: the liquid's box, model protocol and data sizes, not melted, at 800 K (0.6 of Cu's
+# melting point: a hot crystal that stays one) and EMT's 3.59 A lattice expanded by ~1 %
+SYSTEMS["cu_solid"] = {**{k: v for k, v in SYSTEMS["cu_liquid"].items() if not k.startswith("melt")},
+                       "temperature_K": 800.0, "lattice_A": 3.63}
 
 SPLIT_FRAMES = "split_frames.json"
 
