@@ -64,6 +64,16 @@ ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive format (torch >= 1.6)
 SHOW = 4  # names shown per list in an error
 
 
+
+def instantiable_optimizable_batch() -> None:
+    """Make fairchem 1.10's ``OptimizableBatch`` instantiable under ASE >= 3.24, whose Optimizable ABC
+    declares methods (get_x, set_x, ...) fairchem 1.10 never implements and its own LBFGS never calls
+    (otherwise ``ml_relax`` fails: TypeError, "Can't instantiate abstract class")."""
+    from fairchem.core.common.relaxation.optimizable import OptimizableBatch
+
+    for cls in (OptimizableBatch, *OptimizableBatch.__subclasses__()):
+        cls.__abstractmethods__ = frozenset()
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used here: unreadable, not a fairchem checkpoint, or of another model."""
 
@@ -259,13 +269,8 @@ class Trainer(OCPTrainer):
 
     # ------------------------------------------------------------------ ScaleFactors
     def run_relaxations(self):
-        """fairchem's IS2RS relaxations; first makes its OptimizableBatch instantiable under ASE >= 3.24,
-        whose Optimizable ABC declares methods (get_x, set_x, ...) fairchem 1.10 never implements
-        and its own LBFGS never calls (otherwise: TypeError, "Can't instantiate abstract class")."""
-        from fairchem.core.common.relaxation.optimizable import OptimizableBatch
-
-        for cls in (OptimizableBatch, *OptimizableBatch.__subclasses__()):
-            cls.__abstractmethods__ = frozenset()
+        """fairchem's IS2RS relaxations, its OptimizableBatch made instantiable first."""
+        instantiable_optimizable_batch()
         return super().run_relaxations()
 
     def unfitted_scale_factors(self) -> list[str]:

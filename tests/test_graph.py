@@ -71,7 +71,7 @@ def test_leignn_gives_the_same_numbers_with_either_search(direct_forces):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_auto_takes_the_tree_search_for_large_structures_on_cpu(monkeypatch):
+def test_auto_takes_the_tree_search_for_large_batches_on_cpu(monkeypatch):
     import leignn_ocp.graph as graph
 
     calls = []
@@ -80,9 +80,10 @@ def test_auto_takes_the_tree_search_for_large_structures_on_cpu(monkeypatch):
     model = LEIGNN(hidden_channels=8, num_layers=1, num_rbf=8, use_pbc=True, max_neighbors=50).eval()
     assert model.pbc_graph == "auto"
     with torch.no_grad():
-        model(atoms_to_batch([_crystal((2, 2, 2))]))  # 32 atoms: fairchem's search
+        model(atoms_to_batch([_crystal((2, 2, 1))]))  # 16 atoms: fairchem's search
+        model(atoms_to_batch([_crystal((2, 2, 1))] * 2))  # 2 x 16 atoms: the tree's (the batch counts)
         model(atoms_to_batch([_crystal((4, 4, 4))]))  # 256 atoms: the tree's
-    assert calls == [256]
+    assert calls == [32, 256]
     with pytest.raises(ValueError, match=r"pbc_graph must be one of \('auto', 'fairchem', 'cells'\), got 'kd'"):
         LEIGNN(pbc_graph="kd")
 

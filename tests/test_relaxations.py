@@ -177,3 +177,38 @@ def test_is2rs_configs_merge(key, repo, monkeypatch):
     assert cfg["dataset"]["relax"] == {"format": "lmdb", "src": "data/default/is2rs", "use_train_settings": False}
     assert cfg["task"] == {"relaxation_steps": 300, "relaxation_fmax": 0.02, "write_pos": True,
                            "relax_opt": {"maxstep": 0.04, "memory": 50, "damping": 1.0, "alpha": 70.0}}
+
+
+def test_reference_trainer_error_sizes():
+    """The added error has the force MAE asked for; `fixed` repeats one draw, `fresh` draws anew."""
+    from leignn_ocp.evaluation.relax_ceiling import ReferenceTrainer
+
+    fixed, fresh = ReferenceTrainer(EMT(), 0.1, "fixed", 0), ReferenceTrainer(EMT(), 0.1, "fresh", 0)
+    a, b = fixed._error(20000), fixed._error(20000)
+    assert a is b and np.abs(a).mean() == pytest.approx(0.1, rel=0.02)
+    c, d = fresh._error(20000), fresh._error(20000)
+    assert not np.array_equal(c, d) and np.abs(c).mean() == pytest.approx(0.1, rel=0.02)
+    assert not ReferenceTrainer(EMT(), 0.0)._error(10).any()
+    with pytest.raises(ValueError, match=r"^noise kind must be one of \('fixed', 'fresh'\), got 'pink'$"):
+        ReferenceTrainer(EMT(), 0.1, "pink")
+    with pytest.raises(ValueError, match=r"^sigma must be a finite force MAE >= 0 \(eV/Å\), got nan$"):
+        ReferenceTrainer(EMT(), float("nan"))
+
+
+def test_relaxation_ceiling(is2rs_set, tmp_path, repo, monkeypatch):
+    """fairchem's LBFGS with the configured settings and EMT's own forces reaches EMT's minima (every system
+    lowered, within 0.1 eV, ADwT near 1, converged); a fixed error of 0.3 eV/Å per component ends higher."""
+    from leignn_ocp.evaluation.relax_ceiling import run_ceiling
+
+    monkeypatch.chdir(repo)
+    path, _ = is2rs_set
+    exact, noisy = run_ceiling(path, tmp_path, [0.0, 0.3], kinds=["fixed"], seeds=[0])
+    assert exact["lowered"] == 1.0 and exact["within_0.1"] == 1.0 and exact["converged"] == 1.0
+    assert exact["adwt"] > 0.9 and abs(exact["dE_mean"]) < 0.02
+    assert noisy["sigma"] == 0.3 and noisy["dE_mean"] > exact["dE_mean"] + 0.01 and noisy["adwt"] < exact["adwt"]
+    table = (tmp_path / "ceiling.md").read_text()
+    assert "| none | 0 | 1 |" in table and "| fixed | 0.3 | 1 |" in table
+    assert (tmp_path / "ceiling.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match=r"^leignn-evaluate relax-ceiling: error: --sigma must be force MAEs >= 0 "
+                                         r"\(eV/Å\), got \[-0.1\]$"):
+        __import__("leignn_ocp.evaluation.cli", fromlist=["main"]).main(["relax-ceiling", "--sigma", "0", "-0.1"])

@@ -27,6 +27,10 @@ Sub-commands (``leignn-evaluate <cmd> -h`` for the options; ``python -m leignn_o
            seed), training what has no checkpoint like `lineup`, scored with the reference calculator
              leignn-evaluate relaxations --models leignn schnet --checkpoint leignn:0=<ckpt> \
                  --is2rs data/default/is2rs --out results/relax_default
+  relax-ceiling  the same relaxations (fairchem's LBFGS, configs/is2rs/default/base.yml) with the reference
+           calculator's forces plus an error of a given force MAE: what the benchmark gives with exact
+           forces, and how accurate a model's forces must be for it
+             leignn-evaluate relax-ceiling --is2rs data/default/is2rs --sigma 0 0.05 0.1 0.2 --seeds 0 1 2
 
 Device: the GPU when torch sees one (quick, table, lineup, predict; `--gpu` is accepted and makes a
 missing GPU an error), else the CPU; `--cpu` forces the CPU. The choice is logged.
@@ -56,7 +60,7 @@ from leignn_ocp.evaluation.submission import DEFAULT_DTYPE, DTYPES, make_submiss
 from leignn_ocp.evaluation.tables import markdown_table, write_outputs, write_seeded_outputs
 
 PROG = "leignn-evaluate"
-COMMANDS = ("quick", "table", "lineup", "predict", "score", "fit-scales", "relaxations")
+COMMANDS = ("quick", "table", "lineup", "predict", "score", "fit-scales", "relaxations", "relax-ceiling")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -159,6 +163,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("fairchem_args", nargs="*", help="extra fairchem train overrides, after --")
 
     # listed for --help only: main() hands its arguments to fairchem's own parser
+    p = sub.add_parser("relax-ceiling", help="IS2RS relaxations with the reference calculator's forces + an error "
+                                             "of a given MAE (fairchem's LBFGS): the benchmark's ceiling")
+    p.add_argument("--is2rs", default="data/default/is2rs", help="IS2RS folder (leignn_ocp.data.is2rs)")
+    p.add_argument("--config", default="configs/is2rs/default/base.yml",
+                   help="its task: block gives the LBFGS settings, step cap and fmax")
+    p.add_argument("--sigma", type=float, nargs="+", default=[0.0, 0.02, 0.05, 0.1, 0.2],
+                   help="force MAE of the added error, eV/Å per component (default: %(default)s)")
+    p.add_argument("--kinds", nargs="+", default=["fixed", "fresh"], choices=["fixed", "fresh"],
+                   help="fixed: one error per atom for the whole relaxation; fresh: a new one every step")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--reference", default="emt")
+    p.add_argument("--out", default="results/relax_ceiling")
+
     sub.add_parser("fit-scales", add_help=False,
                    help="fit ScaleFactors: --out FILE.json [--num-batches N] <fairchem --mode train arguments>")
     return ap
@@ -230,7 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:  # before any model is loaded: every missing split folder, or a --gpu without a GPU, in one line
         if a.cmd in ("quick", "table", "predict", "score"):
             require_splits(a.data_root, a.split_prefix)
-        a.device = "cpu" if a.cmd == "score" else resolve_device(cpu=a.cpu, gpu=a.gpu)
+        if a.cmd == "relax-ceiling" and (bad := [s for s in a.sigma if not s >= 0]):
+            raise ValueError(f"--sigma must be force MAEs >= 0 (eV/Å), got {bad}")
+        a.device = "cpu" if a.cmd in ("score", "relax-ceiling") else resolve_device(cpu=a.cpu, gpu=a.gpu)
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"{PROG} {a.cmd}: error: {exc}") from exc
     cpu = a.device == "cpu"
@@ -286,6 +305,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      cpu=cpu, epochs=a.epochs, data_root=data, extra_args=a.fairchem_args)
         except LmdbValidationError as exc:
             raise SystemExit(f"{PROG} relaxations: error: {exc}") from exc
+    elif a.cmd == "relax-ceiling":
+        from leignn_ocp.data.lmdb_io import LmdbValidationError
+        from leignn_ocp.evaluation.relax_ceiling import run_ceiling
+
+        try:
+            run_ceiling(Path(a.is2rs), Path(a.out), a.sigma, a.kinds, a.seeds, Path(a.config), a.reference)
+        except LmdbValidationError as exc:
+            raise SystemExit(f"{PROG} relax-ceiling: error: {exc}") from exc
+        print((Path(a.out) / "ceiling.md").read_text(), end="")
+        print(f"wrote {a.out}/ceiling.{{md,json,png}}")
     elif a.cmd == "predict":
         ckpt = find_checkpoint(a.checkpoint, a.which)
         files = predict_splits(ckpt, a.data_root, Path(a.out), a.split_prefix, cpu, a.batch_size, a.dtype)
