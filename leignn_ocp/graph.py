@@ -22,6 +22,7 @@ from fairchem.core.common.utils import get_max_neighbors_mask
 from leignn_ocp.checks import cell_heights
 
 
+@torch.compiler.disable  # eager under torch.compile: torch_cluster's radius has no fake-tensor kernel
 def radius_graph_pbc_cells(pos: torch.Tensor, cell: torch.Tensor, natoms: torch.Tensor, batch: torch.Tensor,
                            radius: float, max_num_neighbors_threshold: int, enforce_max_neighbors_strictly: bool,
                            pbc: list[bool]):
