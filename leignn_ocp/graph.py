@@ -77,9 +77,12 @@ def radius_graph_pbc_cells(pos: torch.Tensor, cell: torch.Tensor, natoms: torch.
 
 
 def main(argv=None) -> int:
-    """``python -m leignn_ocp.graph``: both searches timed on rattled fcc Cu supercells (6 Å, 50
-    neighbours, one thread); fairchem's only up to ``--fairchem-max`` atoms (its memory is N^2)."""
+    """``python -m leignn_ocp.graph``: both searches timed on rattled fcc Cu supercells (``--cutoff``, 50
+    neighbours, one thread); fairchem's only up to ``--fairchem-max`` atoms (its memory is N^2).
+    ``--forward CONFIG``: also a LEIGNN forward (CONFIG's model block, one set of weights) with each
+    search, median of interleaved rounds, and whether the forces are bit-identical."""
     import argparse
+    import statistics
     import time
 
     from ase.build import bulk
@@ -89,24 +92,46 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m leignn_ocp.graph", description=main.__doc__)
     p.add_argument("--repeats", default="3x3x3,5x5x5,5x5x10,10x10x10,10x10x20", help="conventional cells, AxBxC,...")
     p.add_argument("--fairchem-max", type=int, default=1000)
+    p.add_argument("--cutoff", type=float, default=6.0)
+    p.add_argument("--lattice", type=float, default=3.61, help="fcc lattice constant (Å)")
+    p.add_argument("--forward", metavar="CONFIG", help="time a LEIGNN forward of this config's model block too")
     a = p.parse_args(argv)
     from fairchem.core.common.utils import radius_graph_pbc
 
     torch.set_num_threads(1)
+    models = None
+    if a.forward:
+        from leignn_ocp.lineup import build_model, load_config
+
+        block = load_config(a.forward)["model"]
+        models = {g: build_model(dict(block, pbc_graph=g), seed=0).eval() for g in ("fairchem", "cells")}
+        models["cells"].load_state_dict(models["fairchem"].state_dict())
     for rep in a.repeats.split(","):
-        atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(tuple(int(x) for x in rep.split("x")))
+        atoms = bulk("Cu", "fcc", a=a.lattice, cubic=True).repeat(tuple(int(x) for x in rep.split("x")))
         atoms.rattle(0.05, seed=0)
         b = atoms_to_batch([atoms])
-        args = (b.pos, b.cell, b.natoms, b.batch, 6.0, 50, True, [True] * 3)
+        args = (b.pos, b.cell, b.natoms, b.batch, a.cutoff, 50, True, [True] * 3)
         radius_graph_pbc_cells(*args)  # warm-up
         t0 = time.perf_counter()
         ours = radius_graph_pbc_cells(*args)
         line = f"{len(atoms)} atoms, {ours[0].shape[1]} edges: tree search {1e3 * (time.perf_counter() - t0):.1f} ms"
         if len(atoms) <= a.fairchem_max:
             t0 = time.perf_counter()
-            theirs = radius_graph_pbc(b, 6.0, 50, True)
+            theirs = radius_graph_pbc(b, a.cutoff, 50, True)
             same = all(torch.equal(x, y) for x, y in zip(theirs, ours))
             line += f", fairchem's radius_graph_pbc {1e3 * (time.perf_counter() - t0):.1f} ms, same edges: {same}"
+            if models:
+                times = {g: [] for g in models}
+                with torch.no_grad():
+                    forces = {g: m(b.clone())["forces"] for g, m in models.items()}  # [N, 3]; also the warm-up
+                    for _ in range(5):
+                        for g, m in models.items():
+                            t0 = time.perf_counter()
+                            m(b.clone())
+                            times[g].append(1e3 * (time.perf_counter() - t0))
+                line += (f"; forward {statistics.median(times['fairchem']):.1f} ms with fairchem's search, "
+                         f"{statistics.median(times['cells']):.1f} ms with the tree's, same forces: "
+                         f"{torch.equal(forces['fairchem'], forces['cells'])}")
         print(line, flush=True)
     return 0
 

@@ -98,3 +98,18 @@ def test_the_timing_command_reports_equal_edges(capsys):
         torch.set_num_threads(threads)
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and all("same edges: True" in line for line in lines), lines
+
+
+def test_the_timing_command_times_a_forward_with_either_search(capsys, repo, monkeypatch):
+    from leignn_ocp.graph import main
+
+    monkeypatch.chdir(repo)  # fairchem resolves the config's includes against the cwd
+    threads = torch.get_num_threads()
+    try:
+        assert main(["--repeats", "2x2x2", "--cutoff", "4.5", "--lattice", "3.63",
+                     "--forward", "configs/md/cu_liquid_leignn.yml"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.startswith("32 atoms") and "same edges: True" in line and "same forces: True" in line, line
+    assert "ms with fairchem's search" in line and "ms with the tree's" in line
