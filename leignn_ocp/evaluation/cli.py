@@ -162,7 +162,6 @@ def _parser() -> argparse.ArgumentParser:
     device(p)
     p.add_argument("fairchem_args", nargs="*", help="extra fairchem train overrides, after --")
 
-    # listed for --help only: main() hands its arguments to fairchem's own parser
     p = sub.add_parser("relax-ceiling", help="IS2RS relaxations with the reference calculator's forces + an error "
                                              "of a given MAE (fairchem's LBFGS): the benchmark's ceiling")
     p.add_argument("--is2rs", default="data/default/is2rs", help="IS2RS folder (leignn_ocp.data.is2rs)")
@@ -176,6 +175,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default="emt")
     p.add_argument("--out", default="results/relax_ceiling")
 
+    # listed for --help only: main() hands its arguments to fairchem's own parser
     sub.add_parser("fit-scales", add_help=False,
                    help="fit ScaleFactors: --out FILE.json [--num-batches N] <fairchem --mode train arguments>")
     return ap
