@@ -196,6 +196,30 @@ def test_partition_is_seeded_and_covers_everything():
     assert any(len(c) <= 2 for c in p0["cat"]["unseen"]) and any(len(c) > 2 for c in p0["cat"]["unseen"])
 
 
+def test_small_adsorbate_share_draws_that_share_of_candidates_from_the_small_adsorbates():
+    """small_adsorbate_share of a split's candidates come from its pool's adsorbates of at most
+    is2rs_max_adsorbate_atoms atoms (OOD-Ads from the unseen ones)."""
+    from leignn_ocp.data.catalysts import adsorbate_db, adsorbate_ids, default_catalysts
+    from leignn_ocp.data.generate import candidates
+
+    cats, ads = default_catalysts(), adsorbate_ids()
+    natoms = lambda c: len(adsorbate_db()[c["adsorbate_id"]][0])  # noqa: E731
+    for share in (0.0, 0.3, 1.0):
+        cfg = GenConfig(small_adsorbate_share=share)
+        part = partition(cfg, cats, ads)
+        # (catalyst, facet, adsorbate) never repeats: the unseen pool holds 2 small adsorbates
+        for split, pool, n, tol in (("train", "seen", 300, 0.09), ("val_ood_ads", "unseen", 60, 0.15)):
+            cands = candidates(cfg, part, split, 0, n, set())
+            assert all(c["adsorbate_id"] in part["ads"][pool] for c in cands)
+            drawn = [c for c in cands if c["small"]]
+            assert all(natoms(c) <= cfg.is2rs_max_adsorbate_atoms for c in drawn)
+            assert abs(len(drawn) / len(cands) - share) < tol, (split, share, len(drawn))
+            if share == 0.0:  # some small ones still come from the uniform draw
+                assert 0 < sum(natoms(c) <= 2 for c in cands) < 0.3 * len(cands)
+    with pytest.raises(ValueError, match="small_adsorbate_share must be in \\[0, 1\\], got 1.5"):
+        GenConfig(small_adsorbate_share=1.5)
+
+
 def test_same_seed_gives_byte_identical_data_and_other_seed_differs(tiny, tmp_path):
     again = tmp_path / "again"
     generate(GenConfig(**TINY), again, workers=2, progress=False)  # other worker count, same bytes
@@ -581,6 +605,39 @@ def test_force_distribution_and_near_minimum_share_are_what_the_records_hold(tin
         assert sp["near_minimum_frames"] == int((np.array(fmax) < NEAR_MIN).sum())
         assert sp["near_minimum_share"] == pytest.approx(sp["near_minimum_frames"] / sp["frames"])
     assert (tiny / "s2ef" / "forces.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_minimum_rattles_are_the_last_relaxation_frame_displaced_by_each_std(tiny):
+    """After the relaxation frames (fid 0..L) and rattled_per_system random rattles come one copy of
+    frame L per minimum_rattle_std: fixed atoms in place, free atoms displaced by about that std."""
+    from leignn_ocp.data.generate import BROKEN_FID
+
+    summary = json.loads((tiny / "s2ef" / "summary.json").read_text())
+    stds = summary["config"]["minimum_rattle_stds"]
+    assert stds == [0.005, 0.01, 0.02, 0.04] and summary["config"]["format_version"] == 4
+    n_rand = TINY["rattled_per_system"]
+    for split in SPLITS:
+        sp = summary["splits"][split]
+        assert sp["minimum_rattled_frames"] == len(stds) * sp["systems"]
+        assert sp["rattled_frames"] == (n_rand + len(stds)) * sp["systems"]
+        by_sid: dict[int, dict] = {}
+        for d in _records(tiny / "s2ef" / split):
+            if d.fid < BROKEN_FID:
+                by_sid.setdefault(d.sid, {})[d.fid] = d
+        for frames in by_sid.values():
+            fids = sorted(frames)
+            copies = fids[-len(stds):]  # the minimum rattles, in the order of stds
+            last = frames[fids[-len(stds) - n_rand - 1]]  # the relaxation's last frame
+            assert copies[0] == last.fid + n_rand + 1 and copies == list(range(copies[0], copies[0] + len(stds)))
+            cell = last.cell[0].double()  # [3, 3]
+            free = last.fixed == 0
+            for fid, std in zip(copies, stds):
+                d = frames[fid]
+                frac = (d.pos.double() - last.pos.double()) @ torch.linalg.inv(cell)  # [N, 3], wrapped positions
+                disp = (frac - frac.round()) @ cell  # [N, 3] minimum image
+                assert disp[~free].abs().max() < 1e-5
+                rms = disp[free].pow(2).mean().sqrt().item()
+                assert 0.5 * std < rms < 1.6 * std, (fid, std, rms)
 
 
 def test_is2rs_set_holds_calculator_minima_of_new_systems(tiny):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -121,6 +122,37 @@ def test_reference_scores_at_the_reference_minimum(is2rs_set):
                                                                  abs=1e-4)
 
 
+def test_minimum_forces_are_the_models_free_atom_forces_at_the_reference_minima(is2rs_set):
+    """A stand-in trainer that answers with EMT's forces (plus 1 eV/A on fixed atoms, which must not
+    count) gives what the reference relaxation left (under its fmax 0.01); one that answers 0.1 eV/A
+    on every component gives exactly 100 meV/A."""
+    from leignn_ocp.data.is2rs import record_atoms
+    from leignn_ocp.evaluation.relaxations import minimum_forces
+
+    _, recs = is2rs_set
+
+    class Emt:
+        def predict(self, batch, per_image, disable_tqdm):
+            out = []
+            for d in batch.to_data_list():
+                atoms = record_atoms(d)
+                atoms.calc = EMT()
+                f = torch.as_tensor(atoms.get_forces(apply_constraint=False))  # [N, 3]
+                out.append(f + 1.0 * d.fixed[:, None])
+            return {"energy": torch.zeros(len(out)), "forces": torch.cat(out)}
+
+    class Constant:
+        def predict(self, batch, per_image, disable_tqdm):
+            return {"energy": torch.zeros(batch.num_graphs), "forces": torch.full((batch.pos.shape[0], 3), 0.1)}
+
+    m = minimum_forces(Emt(), recs)
+    assert 0 < m["f_mae_at_minimum"] < 10 and 0 < m["fmax_at_minimum"] < 0.01
+    assert len(m["fmax_at_minimum_per_system"]) == len(recs) and max(m["fmax_at_minimum_per_system"]) < 0.01
+    m = minimum_forces(Constant(), recs)
+    assert m["f_mae_at_minimum"] == pytest.approx(100.0, rel=1e-6)
+    assert m["fmax_at_minimum"] == pytest.approx(0.1 * 3 ** 0.5, rel=1e-6)
+
+
 def _evaluate(*args):
     from leignn_ocp.evaluation.cli import main
 
@@ -163,6 +195,16 @@ def test_benchmark_end_to_end(is2rs_set, tmp_path, monkeypatch, repo):
     for f in ("table.md", "table.csv", "table.json", "table.png"):
         assert (out / f).is_file()
     assert "| LEIGNN | 1 |" in (out / "table.md").read_text() and "±" not in (out / "table.md").read_text()
+    # a row written before f_mae_at_minimum existed gets it on the next call, without relaxing again
+    row_file = out / "relax_rows" / "leignn_s0.json"
+    old = {k: v for k, v in row.items() if not k.startswith(("f_mae_at", "fmax_at"))}
+    row_file.write_text(__import__("json").dumps(old))
+    shutil.rmtree(out / "relax" / "leignn_s0" / "trajs")
+    _evaluate("--is2rs", path, "--models", "leignn", "--data-root", tmp_path / "d", "--out", out, "--cpu",
+              "--checkpoint", f"leignn:0={ckpt}", *sizes)
+    again = __import__("json").loads(row_file.read_text())
+    assert again["f_mae_at_minimum"] == pytest.approx(row["f_mae_at_minimum"], rel=1e-6) and row["f_mae_at_minimum"] > 0
+    assert not (out / "relax" / "leignn_s0" / "trajs").exists()
 
 
 @pytest.mark.parametrize("key", sorted(p.stem for p in Path(__file__).parents[1].glob("configs/is2rs/default/*.yml")

@@ -82,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rattled-per-system", type=int, default=d.rattled_per_system,
                    help="rattled (perturbed) frames per relaxation")
     p.add_argument("--rattle-std", type=float, default=d.rattle_std, help="A, free atoms only")
+    p.add_argument("--minimum-rattle-stds", type=float, nargs="*", default=list(d.minimum_rattle_stds),
+                   metavar="STD", help="A: one rattled copy of each relaxation's last frame per value (none: no copies)")
     p.add_argument("--fmax", type=float, default=d.fmax, help="BFGS force criterion, eV/A")
     p.add_argument("--max-steps", type=int, default=d.max_steps, help="BFGS steps per relaxation")
     p.add_argument("--millers", type=_millers, default=d.millers, help="facets, e.g. 111,100,110,211")
@@ -99,6 +101,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="BFGS steps of an IS2RS reference relaxation")
     p.add_argument("--is2rs-max-adsorbate-atoms", type=int, default=d.is2rs_max_adsorbate_atoms,
                    help="IS2RS adsorbates have at most this many atoms (EMT breaks larger ones)")
+    p.add_argument("--small-adsorbate-share", type=float, default=d.small_adsorbate_share,
+                   help="share of each S2EF split's candidates drawn from the adsorbates of at most "
+                        "--is2rs-max-adsorbate-atoms atoms (EMT relaxes those whole: free relaxations, minima)")
     p.add_argument("--keep-anomalies", action="store_true",
                    help="keep dissociated/desorbed/... relaxations (field `anomaly`) instead of dropping")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
@@ -119,11 +124,11 @@ def generate_main(argv=None) -> int:
         cfg = GenConfig(
             seed=a.seed, calculator=a.calculator, train_systems=a.train_systems, val_systems=a.val_systems,
             frames_per_system=a.frames_per_system, rattled_per_system=a.rattled_per_system,
-            rattle_std=a.rattle_std, fmax=a.fmax, max_steps=a.max_steps, millers=a.millers,
+            rattle_std=a.rattle_std, minimum_rattle_stds=tuple(a.minimum_rattle_stds), fmax=a.fmax, max_steps=a.max_steps, millers=a.millers,
             ood_ads_frac=a.ood_ads_frac, ood_cat_frac=a.ood_cat_frac, rigid_adsorbate=a.rigid_adsorbate,
             keep_anomalies=a.keep_anomalies, broken_frames_per_system=a.broken_frames_per_system,
             is2rs_systems=a.is2rs_systems, is2rs_max_steps=a.is2rs_max_steps,
-            is2rs_max_adsorbate_atoms=a.is2rs_max_adsorbate_atoms,
+            is2rs_max_adsorbate_atoms=a.is2rs_max_adsorbate_atoms, small_adsorbate_share=a.small_adsorbate_share,
         )
     except ValueError as exc:
         print(f"[generate_data] error: {exc}", file=sys.stderr)

@@ -72,8 +72,9 @@ FORCE_BINS = np.logspace(-3, 2, 26)  # eV/A, 5 per decade: the free-atom |F| his
 BROKEN_FID = 10_000  # fid of a flagged frame from a free relaxation that broke: 10_000 + step
 SID_STRIDE = 1_000_000  # sid = split_index * SID_STRIDE + candidate index: unique across splits
 # 2: records made by fairchem's AtomsToGraphs (positions wrapped into the cell); 3: as_needed
-# sampling (fields `anomaly`, `rigid`), the last relaxation frame always kept, the IS2RS set
-FORMAT_VERSION = 3
+# sampling (fields `anomaly`, `rigid`), the last relaxation frame always kept, the IS2RS set;
+# 4: rattled copies of the last frame (minimum_rattle_stds), small_adsorbate_share
+FORMAT_VERSION = 4
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 PINNED_MARK = "LEIGNN_GENERATE_PINNED"  # set by leignn-generate-data in the child that labels
 
@@ -89,6 +90,9 @@ class GenConfig:
     frames_per_system: int = 24  # relaxation frames sampled per system (all if fewer)
     rattled_per_system: int = 6  # rattled copies of sampled relaxation frames per system
     rattle_std: float = 0.05  # A, Gaussian displacement of free atoms
+    # one copy of the relaxation's last frame per std (A, free atoms): where the forces approach zero,
+    # which a relaxing model must find and random frames rarely show (issue 15, docs/notes/data.md)
+    minimum_rattle_stds: tuple[float, ...] = (0.005, 0.01, 0.02, 0.04)
     fmax: float = 0.05  # eV/A, BFGS convergence
     max_steps: int = 100  # BFGS steps per relaxation
     millers: tuple[tuple[int, int, int], ...] = ((1, 1, 1), (1, 0, 0), (1, 1, 0))
@@ -104,6 +108,9 @@ class GenConfig:
     # half the time and larger ones rarely (docs/notes/data.md)
     is2rs_max_adsorbate_atoms: int = 2
     is2rs_max_steps: int = 300  # BFGS steps of an IS2RS reference relaxation
+    # share of each S2EF split's candidates drawn from those small adsorbates only: the ones EMT relaxes
+    # whole, so a split holds free relaxations and their minima (issue 15, docs/notes/data.md)
+    small_adsorbate_share: float = 0.3
     max_candidates_factor: int = 12  # give up when a split needs more candidates than factor x target
 
     def __post_init__(self):
@@ -113,8 +120,10 @@ class GenConfig:
             raise ValueError("frames_per_system must be >= 1 and rattled_per_system >= 0")
         if not 0 < self.ood_ads_frac < 1 or not 0 < self.ood_cat_frac < 1:
             raise ValueError("ood_ads_frac and ood_cat_frac must be in (0, 1)")
-        if self.max_steps < 1 or self.fmax <= 0 or self.rattle_std < 0:
-            raise ValueError("max_steps >= 1, fmax > 0 and rattle_std >= 0 required")
+        if not 0 <= self.small_adsorbate_share <= 1:
+            raise ValueError(f"small_adsorbate_share must be in [0, 1], got {self.small_adsorbate_share}")
+        if self.max_steps < 1 or self.fmax <= 0 or self.rattle_std < 0 or any(x <= 0 for x in self.minimum_rattle_stds):
+            raise ValueError("max_steps >= 1, fmax > 0, rattle_std >= 0 and minimum_rattle_stds > 0 required")
         if self.rigid_adsorbate not in RIGID_MODES:
             raise ValueError(f"rigid_adsorbate must be one of {', '.join(map(repr, RIGID_MODES))}, "
                              f"got {self.rigid_adsorbate!r}")
@@ -149,6 +158,7 @@ class GenConfig:
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d["millers"] = [list(m) for m in self.millers]
+        d["minimum_rattle_stds"] = list(self.minimum_rattle_stds)
         d["format_version"] = FORMAT_VERSION
         return d
 
@@ -253,17 +263,20 @@ def candidates(cfg: GenConfig, part: dict, split: str, start: int, count: int, u
     """
     si = STREAMS.index(split)
     ads_pool, cat_pool = (part["ads"][SPLIT_POOLS[split][0]], part["cat"][SPLIT_POOLS[split][1]])
-    if split == IS2RS:
-        ads_pool = [a for a in ads_pool if len(adsorbate_db()[a][0]) <= cfg.is2rs_max_adsorbate_atoms]
-        if not ads_pool:
-            raise ValueError(f"no seen adsorbate has at most {cfg.is2rs_max_adsorbate_atoms} atoms for the IS2RS set")
+    small_pool = [a for a in ads_pool if len(adsorbate_db()[a][0]) <= cfg.is2rs_max_adsorbate_atoms]
+    if split == IS2RS and not small_pool:
+        raise ValueError(f"no seen adsorbate has at most {cfg.is2rs_max_adsorbate_atoms} atoms for the IS2RS set")
     out = []
     for idx in range(start, start + count):
         r = _rng(cfg.seed, 11, si, idx)
+        small = split == IS2RS
+        if not small and cfg.small_adsorbate_share > 0 and small_pool:  # no draw at 0: older data unchanged
+            small = bool(r.random() < cfg.small_adsorbate_share)
+        pool = small_pool if small else ads_pool
         for _ in range(1000):
             cat = cat_pool[int(r.integers(len(cat_pool)))]
             miller = tuple(cfg.millers[int(r.integers(len(cfg.millers)))])
-            ads = ads_pool[int(r.integers(len(ads_pool)))]
+            ads = pool[int(r.integers(len(pool)))]
             if (cat, miller, ads) not in used:
                 break
         else:
@@ -271,7 +284,7 @@ def candidates(cfg: GenConfig, part: dict, split: str, start: int, count: int, u
         used.add((cat, miller, ads))
         out.append({"split": split, "index": idx, "sid": si * SID_STRIDE + idx, "catalyst": cat,
                     "miller": miller, "adsorbate_id": ads, "slab_pick": int(r.integers(1 << 30)),
-                    "seed": int(r.integers(1 << 30))})
+                    "seed": int(r.integers(1 << 30)), "small": small})
     return out
 
 
@@ -328,6 +341,7 @@ def _worker_init(cfg_json: str, refs: dict, catalysts: list[Catalyst]):
     d = json.loads(cfg_json)
     d.pop("format_version")
     d["millers"] = tuple(tuple(m) for m in d["millers"])
+    d["minimum_rattle_stds"] = tuple(d["minimum_rattle_stds"])
     for cached in (_slabs, _bulk, _relaxed_slab):
         cached.cache_clear()  # a previous generate() in this process may have used another calculator
     _W.clear()
@@ -502,10 +516,12 @@ def run_system(cand: dict) -> dict:
     data = [_to_data(atoms, frames[i][0], frames[i][1] - e_ref, frames[i][2], cand["sid"], i, extra)
             for i in picked]
     free = np.flatnonzero(~_fixed_mask(atoms))
-    for j in range(cfg.rattled_per_system):
-        src = int(r.integers(len(frames)))
+    # random frames at rattle_std, then the last frame at each minimum_rattle_std
+    rattles = [(int(r.integers(len(frames))), cfg.rattle_std) for _ in range(cfg.rattled_per_system)]
+    rattles += [(len(frames) - 1, std) for std in cfg.minimum_rattle_stds]
+    for j, (src, std) in enumerate(rattles):
         pos = frames[src][0].copy()
-        pos[free] += r.normal(0.0, cfg.rattle_std, size=(len(free), 3))
+        pos[free] += r.normal(0.0, std, size=(len(free), 3))
         atoms.set_positions(pos, apply_constraint=False)
         e = float(atoms.get_potential_energy(apply_constraint=False))
         f = atoms.get_forces(apply_constraint=False)
@@ -528,7 +544,8 @@ def run_system(cand: dict) -> dict:
     # the histogram's end bins take what lies beyond them
     out["force_hist"] = np.histogram(np.clip(np.concatenate(norms), FORCE_BINS[0], FORCE_BINS[-1]),
                                      FORCE_BINS)[0].tolist()
-    out["n_rattled"] = cfg.rattled_per_system
+    out["n_rattled"] = len(rattles)
+    out["n_minimum_rattled"] = len(cfg.minimum_rattle_stds)
     out["n_broken"] = n_broken
     out["seconds"] = time.perf_counter() - t0
     return out
@@ -674,7 +691,8 @@ def _generate(cfg: GenConfig, out_dir: Path, workers: int, progress: bool,
                   "mu_O=E(H2O)-E(H2), mu_C=E(CO)-mu_O, mu_N=E(N2)/2), all from the same calculator; eV",
         "forces": "calculator forces on all atoms, eV/A (fixed atoms included, as in OC20)",
         "frames": "sid = relaxation id (unique across splits); fid = BFGS step for relaxation frames, "
-                  "fid >= number of steps for rattled frames (free atoms displaced, rattle_std)",
+                  "fid >= number of steps for rattled frames (free atoms displaced: rattled_per_system random "
+                  "frames at rattle_std, then the last frame at each of minimum_rattle_stds)",
         "sampling": SAMPLING[cfg.rigid],
         "gas_references_eV": refs,
         "partition": {"adsorbates": {k: [adsorbate_smiles(a) for a in v] for k, v in part["ads"].items()},
@@ -691,6 +709,7 @@ def _generate(cfg: GenConfig, out_dir: Path, workers: int, progress: bool,
             energies = [e for o in kept[s] for e in o["energies"]]
             write_raw_lmdb_dir(tmp / s, data, [o["natoms"] for o in kept[s] for _ in o["data"]])
             n_rattled = sum(o.get("n_rattled", 0) for o in kept[s])
+            n_min = sum(o.get("n_minimum_rattled", 0) for o in kept[s])
             n_broken = sum(o.get("n_broken", 0) for o in kept[s])
             natoms = [o["natoms"] for o in kept[s]]
             fmax = np.array([f for o in kept[s] for f in o["max_free_force"]])
@@ -699,7 +718,9 @@ def _generate(cfg: GenConfig, out_dir: Path, workers: int, progress: bool,
                 "frames": len(data),
                 "relaxation_frames": len(data) - n_rattled - n_broken,
                 "rattled_frames": n_rattled,
+                "minimum_rattled_frames": n_min,  # of rattled_frames: copies of the last relaxation frame
                 "broken_frames": n_broken,
+                "systems_small_adsorbate_draw": sum(o["candidate"]["small"] for o in kept[s]),
                 "systems_sampled_free": sum(not o["rigid"] for o in kept[s]),
                 "systems_sampled_rigid": sum(o["rigid"] for o in kept[s]),
                 "converged_relaxations": sum(o["converged"] for o in kept[s]),

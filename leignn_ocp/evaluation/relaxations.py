@@ -12,6 +12,11 @@ Metrics per row:
   lowered              share with E_ref(model-relaxed) < E_ref(initial)
   dE_mean, dE_median   E_ref(model-relaxed) - E_ref(reference-relaxed) (eV)
   within_0.1           share with that difference under DE_THRESHOLD eV
+  f_mae_at_minimum     the model's free-atom force MAE (meV/A, per component) at the reference minima
+                       pos_relaxed, where the reference forces are under its fmax: how well the model
+                       knows where forces vanish (issue 15's symptom); a row written before this metric
+                       existed gets it added on the next call, without relaxing again
+  fmax_at_minimum      median over systems of the model's largest free-atom force there (eV/A)
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from leignn_ocp.evaluation.runs import fairchem_cli, learning_curve, lineup_keys
 
 log = logging.getLogger(__name__)
 DE_THRESHOLD = 0.1  # eV
-METRICS = ("adwt", "energy_mae", "converged", "lowered", "dE_mean", "dE_median", "within_0.1")
+METRICS = ("adwt", "energy_mae", "converged", "lowered", "dE_mean", "dE_median", "within_0.1", "f_mae_at_minimum",
+           "fmax_at_minimum")
 
 
 def reference_scores(records: Sequence, positions: Sequence[np.ndarray], reference) -> dict:
@@ -78,7 +84,8 @@ def relax_checkpoint(ckpt: Path, config: Path, is2rs: Path, work: Path, referenc
         if arg.startswith("--task.relaxation_steps="):
             steps = int(arg.split("=", 1)[1])
     frames = [read(trajs / f"{d.sid}.traj", ":") for d in records]  # empty when converged at step 0
-    e_model = model_energies(ckpt, work / "predict", records, positions, cpu)  # [B] eV, the model at what it relaxed to
+    trainer = _trainer(ckpt, work / "predict", cpu)
+    e_model = model_energies(trainer, records, positions)  # [B] eV, the model at what it relaxed to
     y = np.array([d.y_relaxed for d in records])
     tb = work / "logs" / "tensorboard" / "relax"
     fairchem = {tag.split("/", 1)[1]: v[-1][1] for tag in
@@ -91,26 +98,46 @@ def relax_checkpoint(ckpt: Path, config: Path, is2rs: Path, work: Path, referenc
            "converged": float(np.mean([len(f) <= steps for f in frames])),
            "fairchem": fairchem, "relax_s": round(time.time() - t0, 1), "n": len(records)}
     row.update(reference_scores(records, positions, reference))
+    row.update(minimum_forces(trainer, records))
     return row
 
 
-def model_energies(ckpt: Path, work: Path, records: Sequence, positions: Sequence[np.ndarray], cpu: bool = True) -> np.ndarray:
-    """The checkpoint's energy (eV, EMA weights, denormalised) at each relaxed structure: fairchem writes
-    positions only, and the last trajectory frame of a converged system is one step before the end."""
+def _trainer(ckpt: Path, work: Path, cpu: bool):
+    from leignn_ocp.evaluation.checkpoints import load_trainer
+
+    return load_trainer(ckpt, cpu=cpu, run_dir=work)
+
+
+def _predict(trainer, records: Sequence, positions: Sequence[np.ndarray]) -> dict:
+    """What OptimizableBatch asks of the trainer at every relaxation step (EMA weights, denormalised,
+    references added), at the given positions: energy [B] eV, forces [sum N, 3] eV/A."""
     import torch
     from fairchem.core.datasets import data_list_collater
 
-    from leignn_ocp.evaluation.checkpoints import load_trainer
-
-    trainer = load_trainer(ckpt, cpu=cpu, run_dir=work)
     batch = []
     for d, pos in zip(records, positions):
         d = d.clone()
-        d.pos = torch.as_tensor(pos, dtype=d.pos.dtype)  # [N, 3]
+        d.pos = torch.as_tensor(np.asarray(pos), dtype=d.pos.dtype)  # [N, 3]
         batch.append(d)
-    # what OptimizableBatch asks of the trainer at every relaxation step (denormalised, references added)
     out = trainer.predict(data_list_collater(batch, otf_graph=True), per_image=False, disable_tqdm=True)
-    return out["energy"].detach().cpu().double().numpy().reshape(-1)  # [B]
+    return {k: out[k].detach().cpu().double() for k in ("energy", "forces")}
+
+
+def model_energies(trainer, records: Sequence, positions: Sequence[np.ndarray]) -> np.ndarray:
+    """The model's energy (eV) at each relaxed structure: fairchem writes positions only, and the last
+    trajectory frame of a converged system is one step before the end."""
+    return _predict(trainer, records, positions)["energy"].numpy().reshape(-1)  # [B]
+
+
+def minimum_forces(trainer, records: Sequence) -> dict:
+    """f_mae_at_minimum and fmax_at_minimum of the module docstring (free atoms only)."""
+    forces = _predict(trainer, records, [d.pos_relaxed for d in records])["forces"]  # [sum N, 3]
+    per_system = forces.split([int(d.natoms) for d in records])  # B x [N, 3]
+    free = [d.fixed.numpy() == 0 for d in records]  # B x [N]
+    comps = np.concatenate([f.numpy()[m].ravel() for f, m in zip(per_system, free)])
+    fmax = [float(np.linalg.norm(f.numpy()[m], axis=1).max()) for f, m in zip(per_system, free)]
+    return {"f_mae_at_minimum": float(np.abs(comps).mean() * 1000), "fmax_at_minimum": float(np.median(fmax)),
+            "fmax_at_minimum_per_system": fmax}
 
 
 def write_tables(rows: list[dict], out: Path) -> str:
@@ -120,15 +147,22 @@ def write_tables(rows: list[dict], out: Path) -> str:
     by = {}
     for r in rows:
         by.setdefault(r["label"], []).append(r)
-    agg = {lab: {m: (float(np.mean([r[m] for r in rs])), float(np.std([r[m] for r in rs], ddof=1))
-                     if len(rs) > 1 else None) for m in METRICS} | {"seeds": sorted(r["seed"] for r in rs)}
+
+    def stat(vals):  # (mean, std over seeds or None); (nan, None) for a metric no row of the model has
+        if not vals:
+            return float("nan"), None
+        return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else None
+
+    agg = {lab: {m: stat([r[m] for r in rs if m in r]) for m in METRICS} | {"seeds": sorted(r["seed"] for r in rs)}
            for lab, rs in by.items()}
-    cell = lambda m, s: f"{m:.3f}" if s is None else f"{m:.3f} ± {s:.3f}"  # noqa: E731
+    cell = lambda m, s: "–" if np.isnan(m) else f"{m:.3f}" if s is None else f"{m:.3f} ± {s:.3f}"  # noqa: E731
     md = ("| model | seeds | " + " | ".join(METRICS) + " |\n|" + "---|" * (len(METRICS) + 2) + "\n"
           + "".join(f"| {lab} | {len(a['seeds'])} | " + " | ".join(cell(*a[m]) for m in METRICS) + " |\n"
                     for lab, a in agg.items()))
     (out / "table.md").write_text(md)
-    (out / "table.json").write_text(json.dumps(agg, indent=1))
+    nan_none = lambda x: None if isinstance(x, float) and np.isnan(x) else x  # noqa: E731
+    (out / "table.json").write_text(json.dumps({lab: {m: [nan_none(x) for x in v] if m != "seeds" else v
+                                                      for m, v in a.items()} for lab, a in agg.items()}, indent=1))
     with open(out / "table.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["model", "seeds", *(x for m in METRICS for x in (m, f"{m}_std"))])
@@ -149,6 +183,12 @@ def write_tables(rows: list[dict], out: Path) -> str:
     fig.savefig(out / "table.png", dpi=120)
     plt.close(fig)
     return md
+
+
+def _write_row(path: Path, row: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(row, indent=1))
+    tmp.rename(path)
 
 
 def run_relaxation_benchmark(config_dir: Path, is2rs: Path, out: Path, *, models=None, seeds=(0,),
@@ -176,6 +216,11 @@ def run_relaxation_benchmark(config_dir: Path, is2rs: Path, out: Path, *, models
             row_file = rows_dir / f"{key}_s{seed}.json"
             if row_file.is_file():
                 log.info(f"{key} seed {seed}: relaxed before ({row_file})")
+                row = json.loads(row_file.read_text())
+                if "f_mae_at_minimum" not in row:  # written before the metric existed
+                    trainer = _trainer(Path(row["checkpoint"]), Path(out) / "relax" / f"{key}_s{seed}" / "predict", cpu)
+                    row.update(minimum_forces(trainer, [d for _, d in read_is2rs(Path(is2rs))]))
+                    _write_row(row_file, row)
                 continue
             ckpt = checkpoints.get(f"{key}:{seed}")
             found = Path(out) / "runs" / "checkpoints" / f"{key}_s{seed}" / "checkpoint.pt"
@@ -187,11 +232,10 @@ def run_relaxation_benchmark(config_dir: Path, is2rs: Path, out: Path, *, models
             row = relax_checkpoint(ckpt, Path(is2rs_config_dir) / f"{key}.yml", Path(is2rs),
                                    Path(out) / "relax" / f"{key}_s{seed}", calc, relax_args, cpu)
             row.update(key=key, label=lineup.label(key), seed=seed, checkpoint=str(ckpt))
-            tmp = row_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(row, indent=1))
-            tmp.rename(row_file)
+            _write_row(row_file, row)
             log.info(f"{key} seed {seed}: ADwT {row['adwt']:.3f}, lowered {row['lowered']:.2f}, "
-                     f"dE median {row['dE_median']:+.3f} eV ({row['relax_s']:.0f} s)")
+                     f"dE median {row['dE_median']:+.3f} eV, force MAE at the minima "
+                     f"{row['f_mae_at_minimum']:.1f} meV/A ({row['relax_s']:.0f} s)")
     rows = [json.loads(f.read_text()) for f in sorted(rows_dir.glob("*.json"))]
     print(write_tables(rows, Path(out)), end="")
     return rows
