@@ -153,6 +153,19 @@ def test_minimum_forces_are_the_models_free_atom_forces_at_the_reference_minima(
     assert m["fmax_at_minimum"] == pytest.approx(0.1 * 3 ** 0.5, rel=1e-6)
 
 
+def test_relaxations_load_the_scale_factors_the_checkpoint_was_trained_with(tmp_path):
+    """A line-up refits PaiNN's / GemNet-dT's ScaleFactors into its own file; relaxing with the config's
+    file instead made fairchem refuse the checkpoint (inconsistent scale factor)."""
+    from leignn_ocp.evaluation.relaxations import relax_overrides
+
+    ckpt = tmp_path / "c.pt"
+    torch.save({"config": {"model": {"name": "painn", "scale_file": "runs/scale_factors/painn.json"}}}, ckpt)
+    assert relax_overrides(ckpt, ["--x=1"]) == ["--x=1", "--model.scale_file=runs/scale_factors/painn.json"]
+    assert relax_overrides(ckpt, ["--model.scale_file=mine.json"]) == ["--model.scale_file=mine.json"]
+    torch.save({"config": {"model": {"name": "leignn_ocp.LEIGNN"}}}, ckpt)
+    assert relax_overrides(ckpt, ()) == []
+
+
 def _evaluate(*args):
     from leignn_ocp.evaluation.cli import main
 

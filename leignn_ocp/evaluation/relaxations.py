@@ -57,11 +57,25 @@ def reference_scores(records: Sequence, positions: Sequence[np.ndarray], referen
             "within_0.1": float(np.mean(np.abs(de) < DE_THRESHOLD)), "dE": de.tolist()}
 
 
+def relax_overrides(ckpt: Path, extra: Sequence[str] = ()) -> list[str]:
+    """``extra`` plus the ScaleFactors file the checkpoint was trained with, unless ``extra`` names one:
+    the config's own file may hold other factors (a line-up refits them on its data), and fairchem
+    refuses to load a checkpoint whose fitted factors differ from the model's."""
+    import torch
+
+    cfg = torch.load(ckpt, map_location="cpu", weights_only=False).get("config") or {}
+    scale = (cfg.get("model") or {}).get("scale_file")
+    if scale and not any(str(a).startswith("--model.scale_file=") for a in extra):
+        return [*extra, f"--model.scale_file={scale}"]
+    return list(extra)
+
+
 def relax_checkpoint(ckpt: Path, config: Path, is2rs: Path, work: Path, reference, extra: Sequence[str] = (),
                      cpu: bool = True) -> dict:
     """One ``fairchem --mode run-relaxations`` run and every metric of the module docstring."""
     if work.exists():
         shutil.rmtree(work)  # fairchem skips structures whose trajectory exists
+    extra = relax_overrides(ckpt, extra)
     trajs = work / "trajs"
     cmd = [fairchem_cli(), "--mode", "run-relaxations", "--config-yml", str(config), "--checkpoint", str(ckpt),
            "--run-dir", str(work), "--timestamp-id", "relax", f"--dataset.relax.src={is2rs}",
