@@ -159,10 +159,11 @@ def test_relaxations_load_the_scale_factors_the_checkpoint_was_trained_with(tmp_
     from leignn_ocp.evaluation.relaxations import relax_overrides
 
     ckpt = tmp_path / "c.pt"
-    torch.save({"config": {"model": {"name": "painn", "scale_file": "runs/scale_factors/painn.json"}}}, ckpt)
+    bare = {"state_dict": {"w": torch.zeros(1)}, "normalizers": {}}  # what read_checkpoint asks of a checkpoint
+    torch.save({**bare, "config": {"model": {"name": "painn", "scale_file": "runs/scale_factors/painn.json"}}}, ckpt)
     assert relax_overrides(ckpt, ["--x=1"]) == ["--x=1", "--model.scale_file=runs/scale_factors/painn.json"]
     assert relax_overrides(ckpt, ["--model.scale_file=mine.json"]) == ["--model.scale_file=mine.json"]
-    torch.save({"config": {"model": {"name": "leignn_ocp.LEIGNN"}}}, ckpt)
+    torch.save({**bare, "config": {"model": {"name": "leignn_ocp.LEIGNN"}}}, ckpt)
     assert relax_overrides(ckpt, ()) == []
 
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from leignn_ocp import lineup
 from leignn_ocp.data.is2rs import read_is2rs, record_atoms, validate_is2rs
+from leignn_ocp.evaluation.checkpoints import load_trainer
 from leignn_ocp.evaluation.runs import fairchem_cli, learning_curve, lineup_keys, run_logged
 
 log = logging.getLogger(__name__)
@@ -61,10 +62,9 @@ def relax_overrides(ckpt: Path, extra: Sequence[str] = ()) -> list[str]:
     """``extra`` plus the ScaleFactors file the checkpoint was trained with, unless ``extra`` names one:
     the config's own file may hold other factors (a line-up refits them on its data), and fairchem
     refuses to load a checkpoint whose fitted factors differ from the model's."""
-    import torch
+    from leignn_ocp.trainer import model_config, read_checkpoint
 
-    cfg = torch.load(ckpt, map_location="cpu", weights_only=False).get("config") or {}
-    scale = (cfg.get("model") or {}).get("scale_file")
+    scale = model_config(read_checkpoint(ckpt).get("config") or {})[1].get("scale_file")
     if scale and not any(str(a).startswith("--model.scale_file=") for a in extra):
         return [*extra, f"--model.scale_file={scale}"]
     return list(extra)
@@ -98,7 +98,7 @@ def relax_checkpoint(ckpt: Path, config: Path, is2rs: Path, work: Path, referenc
         if arg.startswith("--task.relaxation_steps="):
             steps = int(arg.split("=", 1)[1])
     frames = [read(trajs / f"{d.sid}.traj", ":") for d in records]  # empty when converged at step 0
-    trainer = _trainer(ckpt, work / "predict", cpu)
+    trainer = load_trainer(ckpt, cpu=cpu, run_dir=work / "predict")
     e_model = model_energies(trainer, records, positions)  # [B] eV, the model at what it relaxed to
     y = np.array([d.y_relaxed for d in records])
     tb = work / "logs" / "tensorboard" / "relax"
@@ -114,12 +114,6 @@ def relax_checkpoint(ckpt: Path, config: Path, is2rs: Path, work: Path, referenc
     row.update(reference_scores(records, positions, reference))
     row.update(minimum_forces(trainer, records))
     return row
-
-
-def _trainer(ckpt: Path, work: Path, cpu: bool):
-    from leignn_ocp.evaluation.checkpoints import load_trainer
-
-    return load_trainer(ckpt, cpu=cpu, run_dir=work)
 
 
 def _predict(trainer, records: Sequence, positions: Sequence[np.ndarray]) -> dict:
@@ -232,7 +226,7 @@ def run_relaxation_benchmark(config_dir: Path, is2rs: Path, out: Path, *, models
                 log.info(f"{key} seed {seed}: relaxed before ({row_file})")
                 row = json.loads(row_file.read_text())
                 if "f_mae_at_minimum" not in row:  # written before the metric existed
-                    trainer = _trainer(Path(row["checkpoint"]), Path(out) / "relax" / f"{key}_s{seed}" / "predict", cpu)
+                    trainer = load_trainer(row["checkpoint"], cpu=cpu, run_dir=Path(out) / "relax" / f"{key}_s{seed}" / "predict")
                     row.update(minimum_forces(trainer, [d for _, d in read_is2rs(Path(is2rs))]))
                     _write_row(row_file, row)
                 continue
