@@ -29,17 +29,25 @@ What it adds to ``OCPTrainer``, which it otherwise leaves alone:
   the size of optimizer's group", after the logger has opened a new events file; the check fails at
   the same point (``TrainTask.setup``), so the run folder's checkpoints and logs stay byte-identical
   (the one file such a failed start adds is that events file: a header, no scalars).
+* **Epoch-counted LR schedules**: ``optim.scheduler_params`` (with ``scheduler: LambdaLR``) selects
+  fairchem's cosine / multistep LambdaLR, the one its EquiformerV2 trainer builds, with
+  ``warmup_epochs`` / ``decay_epochs`` in epochs converted to steps with this run's loader. The
+  schedule then ends where training ends for any ``--optim.max_epochs``, data size or world size.
+  Bad settings raise :class:`ScheduleError` naming the key (fairchem: a bare ValueError or a
+  ZeroDivisionError). Without ``scheduler_params`` the schedule is fairchem's own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import logging
 import math
 import os
 import shlex
 import sys
+import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -80,6 +88,42 @@ class CheckpointError(ValueError):
 
 class UnfittedScaleFactorsError(ValueError):
     """A model with ScaleFactors that were never fitted was about to be trained."""
+
+
+class ScheduleError(ValueError):
+    """``optim.scheduler_params`` that fairchem's epoch-counted LambdaLR cannot run."""
+
+
+# fairchem's EquiformerV2 LambdaLR: what each lambda_type reads from scheduler_params (epochs: max_epochs)
+SCHEDULE_KEYS = {"cosine": ("warmup_epochs", "warmup_factor", "lr_min_factor"),
+                 "multistep": ("warmup_epochs", "warmup_factor", "decay_epochs", "decay_rate")}
+
+
+def check_schedule(optim: dict) -> None:
+    """Refuse ``scheduler_params`` that fairchem would fail on late or run wrongly: another scheduler,
+    an unknown ``lambda_type``, a missing key, a negative warm-up, a factor outside (0, 1]."""
+    sp = optim["scheduler_params"]
+    where = "optim.scheduler_params"
+    if optim.get("scheduler") != "LambdaLR":
+        raise ScheduleError(f"{where} is read by scheduler: LambdaLR only, not {optim.get('scheduler')!r}; "
+                            "set optim.scheduler: LambdaLR or remove scheduler_params")
+    kind = sp.get("lambda_type")
+    if kind not in SCHEDULE_KEYS:
+        raise ScheduleError(f"{where}.lambda_type must be one of {sorted(SCHEDULE_KEYS)}, not {kind!r}")
+    missing = [k for k in SCHEDULE_KEYS[kind] if k not in sp]
+    if missing:
+        raise ScheduleError(f"{where} ({kind}) lacks {', '.join(missing)}")
+    for key in ("warmup_epochs", "warmup_factor", "lr_min_factor", "decay_rate"):
+        if key not in sp:
+            continue
+        try:
+            value = float(sp[key])
+        except (TypeError, ValueError):
+            raise ScheduleError(f"{where}.{key} must be a number, not {sp[key]!r}") from None
+        if key == "warmup_epochs" and not value >= 0:
+            raise ScheduleError(f"{where}.warmup_epochs={sp[key]} must be >= 0")
+        if key != "warmup_epochs" and not 0.0 < value <= 1.0:
+            raise ScheduleError(f"{where}.{key}={sp[key]} must lie in (0, 1]")
 
 
 class _StopTraining(Exception):
@@ -203,12 +247,39 @@ class Trainer(OCPTrainer):
     def __init__(self, *args, **kwargs) -> None:
         optim = kwargs.get("optimizer") if "optimizer" in kwargs else (args[4] if len(args) > 4 else {})
         self.early_stopping = EarlyStopping.from_optim(optim or {})  # bad settings fail before data loading
+        if "scheduler_params" in (optim or {}):
+            check_schedule(optim)  # likewise (fairchem builds the scheduler after fitting normalizers)
         self._es_state: EarlyStoppingState | None = None
         self._es_restored: dict | None = None
         self._stop_at: tuple[int, float] | None = None  # (step, epoch) patience ran out at
         if not kwargs.get("inference_only", False):
             check_data(kwargs, optim or {})  # before fairchem opens an LMDB (one handle per file and process)
         super().__init__(*args, **kwargs)
+
+    def load_extras(self) -> None:
+        """fairchem's epoch-counted LambdaLR when ``optim.scheduler_params`` is set (module docstring)."""
+        optim = self.config["optim"]
+        if "scheduler_params" not in optim:
+            return super().load_extras()
+        as_written = copy.deepcopy(optim)  # fairchem scales decay_epochs lists in place
+        # typed as fairchem's lambdas check them (float); YAML reads 1e-2 as a str, 1 as an int
+        sp = optim["scheduler_params"] = copy.deepcopy(as_written["scheduler_params"])
+        for key in ("warmup_factor", "lr_min_factor", "decay_rate"):
+            if key in sp:
+                sp[key] = float(sp[key])
+        n = len(self.train_loader) if self.train_loader is not None else 0  # 0: fairchem builds no scheduler
+        if n and int(float(sp["warmup_epochs"]) * n) < 1:  # fairchem's lambda divides by it at step 0
+            self._log(f"LR warm-up: {sp['warmup_epochs']} epochs is under one step of this run's {n} per "
+                      "epoch; warming up for one step")
+            sp["warmup_epochs"] = (1 + 1e-9) / n
+        # imported here: the module loads (and warns about) EquiformerV2's Wigner tables
+        from fairchem.core.models.equiformer_v2.trainers.forces_trainer import EquiformerV2ForcesTrainer
+
+        try:
+            EquiformerV2ForcesTrainer.load_extras(self)  # converts *epochs keys to steps in self.config
+        finally:
+            self.config["optim"] = as_written  # checkpoints keep epochs: a resume converts them once
+        return None
 
     # ------------------------------------------------------------------ training
     def train(self, disable_eval_tqdm: bool = False) -> None:
@@ -342,9 +413,27 @@ class Trainer(OCPTrainer):
             logging.info(f"Loading checkpoint from: {checkpoint_path}")
             checkpoint = read_checkpoint(checkpoint_path, torch.device("cpu") if self.cpu else self.device)
         check_checkpoint(self, checkpoint, checkpoint_path, inference_only=inference_only)
+        sched = getattr(self.scheduler, "scheduler", None)  # None: no training set, or scheduler: Null
+        saved = checkpoint.get("scheduler")
+        # another scheduler's state (a ReduceLROnPlateau run relaxed or resumed with a cosine config):
+        # torch's load_state_dict would fail (KeyError) or half-apply it; not restored, said so below
+        foreign = not inference_only and sched is not None and saved is not None and set(saved) != set(sched.state_dict())
+        if foreign:
+            checkpoint = {**checkpoint, "scheduler": None}
         super().load_checkpoint(checkpoint_path, checkpoint=checkpoint, inference_only=inference_only)
         if not inference_only:
             self._es_restored = checkpoint.get(CKPT_KEY)
+        if foreign:
+            step = int(checkpoint.get("step", 0))
+            if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):  # a function of the step: continue it there
+                sched.last_epoch = step - 1
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # "step() before optimizer.step()": no step is taken here
+                    sched.step()
+            self._log(f"{checkpoint_path}: its LR scheduler state is another scheduler's than this run's "
+                      f"{type(sched).__name__}: not restored; "
+                      + (f"the schedule continues at step {step} (lr {sched.get_last_lr()[0]:.3g})"
+                         if isinstance(sched, torch.optim.lr_scheduler.LambdaLR) else "it starts afresh"))
 
     # ------------------------------------------------------------------ helpers
     def _primary_metric(self) -> str:

@@ -294,3 +294,83 @@ def test_tie_force_normalizer(lmdbs, tmp_path, tie):
         assert (float(f.rmsd) == float(e.rmsd)) is tie
     finally:
         close_lmdb(t.train_loader)
+
+
+DEFAULT = "configs/s2ef/default/leignn.yml"  # the default protocol: cosine counted in epochs (base.yml)
+
+
+def test_the_default_protocol_decays_the_lr_over_this_runs_epochs(lmdbs):
+    """The real CLI, 3 epochs of 2 steps: fairchem's CosineLRLambda gets this run's 6 steps, the
+    0.1-epoch warm-up (under one step here) becomes one step and says so, every step trains at
+    lr_initial x lambda(step - 1), the schedule ends at lr_min_factor, and the checkpoint keeps the
+    schedule in epochs (a resume converts it once, with its own loader)."""
+    from fairchem.core.modules.scheduler import CosineLRLambda
+
+    log, folder = _train(lmdbs, DEFAULT, "cosine", "--optim.max_epochs=3", "--print-every", "1", *_tiny("leignn"))
+    assert "LR warm-up: 0.1 epochs is under one step of this run's 2 per epoch; warming up for one step" in log
+    ckpt = _load(folder / "checkpoint.pt")
+    assert ckpt["step"] == 3 * STEPS_PER_EPOCH
+    lam = ckpt["scheduler"]["lr_lambdas"][0]
+    assert lam == {"warmup_epochs": 1, "lr_warmup_factor": 0.2, "max_epochs": 3 * STEPS_PER_EPOCH, "lr_min_factor": 0.01}
+    expect = CosineLRLambda(1, 0.2, 3 * STEPS_PER_EPOCH, 0.01)
+    logged = [float(x) for x in re.findall(r"lr: ([0-9.e+-]+), epoch", log)]
+    assert logged == [float(f"{1e-3 * expect(k):.2e}") for k in range(3 * STEPS_PER_EPOCH)]
+    # saved before the last step's scheduler step: the lr the last step trained with, one step short of the floor
+    assert ckpt["scheduler"]["_last_lr"] == [pytest.approx(1e-3 * expect(3 * STEPS_PER_EPOCH - 1))]
+    assert expect(3 * STEPS_PER_EPOCH) == 0.01
+    assert ckpt["config"]["optim"]["scheduler_params"] == {
+        "lambda_type": "cosine", "warmup_epochs": 0.1, "warmup_factor": 0.2, "lr_min_factor": 0.01}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"scheduler": "ReduceLROnPlateau"},
+     "optim.scheduler_params is read by scheduler: LambdaLR only, not 'ReduceLROnPlateau'; set optim.scheduler: "
+     "LambdaLR or remove scheduler_params"),
+    ({"lambda_type": "linear"}, "optim.scheduler_params.lambda_type must be one of ['cosine', 'multistep'], not 'linear'"),
+    ({"lr_min_factor": None}, "optim.scheduler_params.lr_min_factor must be a number, not None"),
+    ({"lr_min_factor": 0.0}, "optim.scheduler_params.lr_min_factor=0.0 must lie in (0, 1]"),
+    ({"warmup_factor": 2}, "optim.scheduler_params.warmup_factor=2 must lie in (0, 1]"),
+    ({"warmup_epochs": -1}, "optim.scheduler_params.warmup_epochs=-1 must be >= 0"),
+    ({"lambda_type": "multistep"}, "optim.scheduler_params (multistep) lacks decay_epochs, decay_rate"),
+])
+def test_bad_schedules_are_named(change, message):
+    optim = {"scheduler": "LambdaLR", "scheduler_params": {
+        "lambda_type": "cosine", "warmup_epochs": 0.1, "warmup_factor": 0.2, "lr_min_factor": 0.01}}
+    if "scheduler" in change:
+        optim["scheduler"] = change["scheduler"]
+    else:
+        optim["scheduler_params"].update(change)
+    with pytest.raises(tr.ScheduleError) as err:
+        tr.check_schedule(optim)
+    assert str(err.value) == message
+
+
+def test_a_bad_schedule_stops_the_cli_before_training(lmdbs):
+    log, folder = _train(lmdbs, DEFAULT, "badcos", "--optim.max_epochs=1", *_tiny("leignn"),
+                         "--optim.scheduler_params.lambda_type=cos", ok=False)
+    assert "ScheduleError: optim.scheduler_params.lambda_type must be one of ['cosine', 'multistep'], not 'cos'" in log
+    assert "lr: " not in log and (folder is None or not any(folder.iterdir()))  # before the normalizer fit
+
+
+def test_a_plateau_checkpoint_resumes_on_the_cosine_schedule_at_its_step(lmdbs):
+    """A checkpoint of the plateau protocol (the default one before the cosine; every line-up
+    checkpoint made with it) resumed, or relaxed, with today's default config: torch would fail on
+    the other scheduler's state; it is left out, said so, and the cosine continues at the step."""
+    from fairchem.core.common.utils import load_config
+    from fairchem.core.modules.scheduler import CosineLRLambda
+
+    config, _, _ = load_config(str(REPO / DEFAULT))
+    optim = config["optim"]
+    del optim["scheduler_params"]
+    optim.update(scheduler="ReduceLROnPlateau", mode="min", factor=0.8, patience=5, min_lr=1e-6)
+    cfg = lmdbs["root"] / "plateau.yml"
+    cfg.write_text(yaml.safe_dump(config))
+    _, plateau = _train(lmdbs, str(cfg), "plateau", "--optim.max_epochs=1", *_tiny("leignn"))
+    log, resumed = _train(lmdbs, DEFAULT, "oncosine", "--optim.max_epochs=3", "--print-every", "1", *_tiny("leignn"),
+                          "--checkpoint", str(plateau / "checkpoint.pt"))
+    expect = CosineLRLambda(1, 0.2, 3 * STEPS_PER_EPOCH, 0.01)
+    assert (f"{plateau / 'checkpoint.pt'}: its LR scheduler state is another scheduler's than this run's LambdaLR: "
+            f"not restored; the schedule continues at step {STEPS_PER_EPOCH} (lr {1e-3 * expect(STEPS_PER_EPOCH):.3g})") in log
+    logged = [float(x) for x in re.findall(r"lr: ([0-9.e+-]+), epoch", log)]
+    assert logged == [float(f"{1e-3 * expect(k):.2e}") for k in range(STEPS_PER_EPOCH, 3 * STEPS_PER_EPOCH)]
+    assert _load(resumed / "checkpoint.pt")["step"] == 3 * STEPS_PER_EPOCH
