@@ -413,7 +413,7 @@ class Trainer(OCPTrainer):
             logging.info(f"Loading checkpoint from: {checkpoint_path}")
             checkpoint = read_checkpoint(checkpoint_path, torch.device("cpu") if self.cpu else self.device)
         check_checkpoint(self, checkpoint, checkpoint_path, inference_only=inference_only)
-        sched = getattr(self.scheduler, "scheduler", None)  # None: no training set, or scheduler: Null
+        sched = getattr(getattr(self, "scheduler", None), "scheduler", None)  # None: inference, no train set, Null
         saved = checkpoint.get("scheduler")
         # another scheduler's state (a ReduceLROnPlateau run relaxed or resumed with a cosine config):
         # torch's load_state_dict would fail (KeyError) or half-apply it; not restored, said so below
