@@ -423,13 +423,21 @@ class Trainer(OCPTrainer):
         super().load_checkpoint(checkpoint_path, checkpoint=checkpoint, inference_only=inference_only)
         if not inference_only:
             self._es_restored = checkpoint.get(CKPT_KEY)
+        if inference_only or sched is None or isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            if foreign:
+                self._log(f"{checkpoint_path}: its LR scheduler state is another scheduler's than this run's "
+                          f"{type(sched).__name__}: not restored; it starts afresh")
+            return
+        step = int(checkpoint.get("step", 0))
+        if foreign and isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+            sched.last_epoch = step - 1  # a function of the step: continue it there (caught up below)
+        if sched.last_epoch == step - 1:
+            # saved inside step N, before its scheduler step (fairchem's loop saves checkpoint_every and the
+            # best checkpoint there): take that step now, or a resume trains one step behind the schedule
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "step() before optimizer.step()": no step is taken here
+                sched.step()
         if foreign:
-            step = int(checkpoint.get("step", 0))
-            if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):  # a function of the step: continue it there
-                sched.last_epoch = step - 1
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # "step() before optimizer.step()": no step is taken here
-                    sched.step()
             self._log(f"{checkpoint_path}: its LR scheduler state is another scheduler's than this run's "
                       f"{type(sched).__name__}: not restored; "
                       + (f"the schedule continues at step {step} (lr {sched.get_last_lr()[0]:.3g})"
