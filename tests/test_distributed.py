@@ -84,8 +84,8 @@ def tiny(tmp_path_factory) -> Path:
         "val": {"src": str(root / "val")},  # no test split: py-lmdb >= 1.5 opens a file once per process
     }
     cfg["model"].update(hidden_channels=16, num_layers=2, num_rbf=8)
-    # checkpoint every 4 steps (mid-epoch once DDP halves the epoch; fairchem saves it before that
-    # step's cosine LR step, which the trainer's load takes), validate every 10
+    # checkpoint every 4 steps (mid-epoch once DDP halves the epoch), validate (and step the
+    # ReduceLROnPlateau scheduler) every 10
     cfg["optim"].update(batch_size=BATCH, eval_batch_size=BATCH, num_workers=0, max_epochs=EPOCHS,
                         eval_every=EVAL_EVERY, checkpoint_every=CKPT_EVERY)
     (root / "cfg.yml").write_text(yaml.safe_dump(cfg))

@@ -296,17 +296,33 @@ def test_tie_force_normalizer(lmdbs, tmp_path, tie):
         close_lmdb(t.train_loader)
 
 
-DEFAULT = "configs/s2ef/default/leignn.yml"  # the default protocol: cosine counted in epochs (base.yml)
+DEFAULT = "configs/s2ef/default/leignn.yml"  # the default protocol: ReduceLROnPlateau
+COSINE = {"lambda_type": "cosine", "warmup_epochs": 0.1, "warmup_factor": 0.2, "lr_min_factor": 0.01}
 
 
-def test_the_default_protocol_decays_the_lr_over_this_runs_epochs(lmdbs):
+@pytest.fixture(scope="module")
+def cosine(lmdbs) -> str:
+    """The default protocol with the cosine of docs/results/is2rs_leignn_cosine/ instead of its plateau."""
+    from fairchem.core.common.utils import load_config
+
+    config, _, _ = load_config(str(REPO / DEFAULT))
+    optim = config["optim"]
+    for key in ("mode", "factor", "patience", "min_lr"):
+        del optim[key]
+    optim.update(scheduler="LambdaLR", scheduler_params=dict(COSINE))
+    cfg = lmdbs["root"] / "cosine.yml"
+    cfg.write_text(yaml.safe_dump(config))
+    return str(cfg)
+
+
+def test_an_epoch_counted_cosine_decays_the_lr_over_this_runs_epochs(lmdbs, cosine):
     """The real CLI, 3 epochs of 2 steps: fairchem's CosineLRLambda gets this run's 6 steps, the
     0.1-epoch warm-up (under one step here) becomes one step and says so, every step trains at
     lr_initial x lambda(step - 1), the schedule ends at lr_min_factor, and the checkpoint keeps the
     schedule in epochs (a resume converts it once, with its own loader)."""
     from fairchem.core.modules.scheduler import CosineLRLambda
 
-    log, folder = _train(lmdbs, DEFAULT, "cosine", "--optim.max_epochs=3", "--print-every", "1", *_tiny("leignn"))
+    log, folder = _train(lmdbs, cosine, "cosine", "--optim.max_epochs=3", "--print-every", "1", *_tiny("leignn"))
     assert "LR warm-up: 0.1 epochs is under one step of this run's 2 per epoch; warming up for one step" in log
     ckpt = _load(folder / "checkpoint.pt")
     assert ckpt["step"] == 3 * STEPS_PER_EPOCH
@@ -318,8 +334,7 @@ def test_the_default_protocol_decays_the_lr_over_this_runs_epochs(lmdbs):
     # saved before the last step's scheduler step: the lr the last step trained with, one step short of the floor
     assert ckpt["scheduler"]["_last_lr"] == [pytest.approx(1e-3 * expect(3 * STEPS_PER_EPOCH - 1))]
     assert expect(3 * STEPS_PER_EPOCH) == 0.01
-    assert ckpt["config"]["optim"]["scheduler_params"] == {
-        "lambda_type": "cosine", "warmup_epochs": 0.1, "warmup_factor": 0.2, "lr_min_factor": 0.01}
+    assert ckpt["config"]["optim"]["scheduler_params"] == COSINE
 
 
 @pytest.mark.parametrize("change, message", [
@@ -334,8 +349,7 @@ def test_the_default_protocol_decays_the_lr_over_this_runs_epochs(lmdbs):
     ({"lambda_type": "multistep"}, "optim.scheduler_params (multistep) lacks decay_epochs, decay_rate"),
 ])
 def test_bad_schedules_are_named(change, message):
-    optim = {"scheduler": "LambdaLR", "scheduler_params": {
-        "lambda_type": "cosine", "warmup_epochs": 0.1, "warmup_factor": 0.2, "lr_min_factor": 0.01}}
+    optim = {"scheduler": "LambdaLR", "scheduler_params": dict(COSINE)}
     if "scheduler" in change:
         optim["scheduler"] = change["scheduler"]
     else:
@@ -345,28 +359,21 @@ def test_bad_schedules_are_named(change, message):
     assert str(err.value) == message
 
 
-def test_a_bad_schedule_stops_the_cli_before_training(lmdbs):
-    log, folder = _train(lmdbs, DEFAULT, "badcos", "--optim.max_epochs=1", *_tiny("leignn"),
+def test_a_bad_schedule_stops_the_cli_before_training(lmdbs, cosine):
+    log, folder = _train(lmdbs, cosine, "badcos", "--optim.max_epochs=1", *_tiny("leignn"),
                          "--optim.scheduler_params.lambda_type=cos", ok=False)
     assert "ScheduleError: optim.scheduler_params.lambda_type must be one of ['cosine', 'multistep'], not 'cos'" in log
     assert "lr: " not in log and (folder is None or not any(folder.iterdir()))  # before the normalizer fit
 
 
-def test_a_plateau_checkpoint_resumes_on_the_cosine_schedule_at_its_step(lmdbs):
-    """A checkpoint of the plateau protocol (the default one before the cosine; every line-up
-    checkpoint made with it) resumed, or relaxed, with today's default config: torch would fail on
-    the other scheduler's state; it is left out, said so, and the cosine continues at the step."""
-    from fairchem.core.common.utils import load_config
+def test_a_plateau_checkpoint_resumes_on_the_cosine_schedule_at_its_step(lmdbs, cosine):
+    """A checkpoint of the default (plateau) protocol resumed, or relaxed, with a cosine config:
+    torch would fail on the other scheduler's state; it is left out, said so, and the cosine
+    continues at the step."""
     from fairchem.core.modules.scheduler import CosineLRLambda
 
-    config, _, _ = load_config(str(REPO / DEFAULT))
-    optim = config["optim"]
-    del optim["scheduler_params"]
-    optim.update(scheduler="ReduceLROnPlateau", mode="min", factor=0.8, patience=5, min_lr=1e-6)
-    cfg = lmdbs["root"] / "plateau.yml"
-    cfg.write_text(yaml.safe_dump(config))
-    _, plateau = _train(lmdbs, str(cfg), "plateau", "--optim.max_epochs=1", *_tiny("leignn"))
-    log, resumed = _train(lmdbs, DEFAULT, "oncosine", "--optim.max_epochs=3", "--print-every", "1", *_tiny("leignn"),
+    _, plateau = _train(lmdbs, DEFAULT, "plateau", "--optim.max_epochs=1", *_tiny("leignn"))
+    log, resumed = _train(lmdbs, cosine, "oncosine", "--optim.max_epochs=3", "--print-every", "1", *_tiny("leignn"),
                           "--checkpoint", str(plateau / "checkpoint.pt"))
     expect = CosineLRLambda(1, 0.2, 3 * STEPS_PER_EPOCH, 0.01)
     assert (f"{plateau / 'checkpoint.pt'}: its LR scheduler state is another scheduler's than this run's LambdaLR: "
@@ -374,3 +381,17 @@ def test_a_plateau_checkpoint_resumes_on_the_cosine_schedule_at_its_step(lmdbs):
     logged = [float(x) for x in re.findall(r"lr: ([0-9.e+-]+), epoch", log)]
     assert logged == [float(f"{1e-3 * expect(k):.2e}") for k in range(STEPS_PER_EPOCH, 3 * STEPS_PER_EPOCH)]
     assert _load(resumed / "checkpoint.pt")["step"] == 3 * STEPS_PER_EPOCH
+
+
+def test_a_resume_takes_the_lr_step_its_checkpoint_was_saved_before(lmdbs, cosine):
+    """fairchem saves checkpoint.pt inside step N, before that step's scheduler step. Resumed from
+    the 6-step cosine run's last checkpoint (saved inside step 6) for one more epoch, steps 7 and 8
+    train at lambda(6) and lambda(7), both the floor (torch restores the checkpoint's 6-step lambda);
+    without the step taken on load, step 7 would train at lambda(5), 7.6x the floor."""
+    _, done = _train(lmdbs, cosine, "cosine_full", "--optim.max_epochs=3", *_tiny("leignn"))
+    saved = _load(done / "checkpoint.pt")
+    assert (saved["step"], saved["scheduler"]["last_epoch"]) == (6, 5)
+    log, more = _train(lmdbs, cosine, "cosine_more", "--optim.max_epochs=4", "--print-every", "1", *_tiny("leignn"),
+                       "--checkpoint", str(done / "checkpoint.pt"))
+    assert [float(x) for x in re.findall(r"lr: ([0-9.e+-]+), epoch", log)] == [1e-5, 1e-5]
+    assert _load(more / "checkpoint.pt")["step"] == 8
