@@ -417,31 +417,31 @@ class Trainer(OCPTrainer):
         saved = checkpoint.get("scheduler")
         # another scheduler's state (a ReduceLROnPlateau run relaxed or resumed with a cosine config):
         # torch's load_state_dict would fail (KeyError) or half-apply it; not restored, said so below
-        foreign = not inference_only and sched is not None and saved is not None and set(saved) != set(sched.state_dict())
+        foreign = (not inference_only and sched is not None and saved is not None
+                   and set(saved) != set(sched.state_dict()))
         if foreign:
             checkpoint = {**checkpoint, "scheduler": None}
         super().load_checkpoint(checkpoint_path, checkpoint=checkpoint, inference_only=inference_only)
         if not inference_only:
             self._es_restored = checkpoint.get(CKPT_KEY)
-        if inference_only or sched is None or isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            if foreign:
-                self._log(f"{checkpoint_path}: its LR scheduler state is another scheduler's than this run's "
-                          f"{type(sched).__name__}: not restored; it starts afresh")
-            return
-        step = int(checkpoint.get("step", 0))
-        if foreign and isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
-            sched.last_epoch = step - 1  # a function of the step: continue it there (caught up below)
-        if sched.last_epoch == step - 1:
-            # saved inside step N, before its scheduler step (fairchem's loop saves checkpoint_every and the
-            # best checkpoint there): take that step now, or a resume trains one step behind the schedule
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "step() before optimizer.step()": no step is taken here
-                sched.step()
+        plateau = isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau)  # steps at validations only
+        per_step = not inference_only and sched is not None and not plateau
+        continues = per_step and isinstance(sched, torch.optim.lr_scheduler.LambdaLR)  # a function of the step
+        if per_step:
+            step = int(checkpoint.get("step", 0))
+            if foreign and continues:
+                sched.last_epoch = step - 1  # continue it at the checkpoint's step (caught up below)
+            if sched.last_epoch == step - 1:
+                # saved inside step N, before its scheduler step (fairchem's loop saves checkpoint_every and the
+                # best checkpoint there): take that step now, or a resume trains one step behind the schedule
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # "step() before optimizer.step()": no step is taken here
+                    sched.step()
         if foreign:
             self._log(f"{checkpoint_path}: its LR scheduler state is another scheduler's than this run's "
                       f"{type(sched).__name__}: not restored; "
-                      + (f"the schedule continues at step {step} (lr {sched.get_last_lr()[0]:.3g})"
-                         if isinstance(sched, torch.optim.lr_scheduler.LambdaLR) else "it starts afresh"))
+                      + (f"the schedule continues at step {step} (lr {sched.get_last_lr()[0]:.3g})" if continues
+                         else "it starts afresh"))
 
     # ------------------------------------------------------------------ helpers
     def _primary_metric(self) -> str:

@@ -315,14 +315,20 @@ def cosine(lmdbs) -> str:
     return str(cfg)
 
 
-def test_an_epoch_counted_cosine_decays_the_lr_over_this_runs_epochs(lmdbs, cosine):
+@pytest.fixture(scope="module")
+def cosine_run(lmdbs, cosine):
+    """3 epochs of 2 steps on the cosine, every step's lr logged: (log, checkpoint folder)."""
+    return _train(lmdbs, cosine, "cosine", "--optim.max_epochs=3", "--print-every", "1", *_tiny("leignn"))
+
+
+def test_an_epoch_counted_cosine_decays_the_lr_over_this_runs_epochs(cosine_run):
     """The real CLI, 3 epochs of 2 steps: fairchem's CosineLRLambda gets this run's 6 steps, the
     0.1-epoch warm-up (under one step here) becomes one step and says so, every step trains at
     lr_initial x lambda(step - 1), the schedule ends at lr_min_factor, and the checkpoint keeps the
     schedule in epochs (a resume converts it once, with its own loader)."""
     from fairchem.core.modules.scheduler import CosineLRLambda
 
-    log, folder = _train(lmdbs, cosine, "cosine", "--optim.max_epochs=3", "--print-every", "1", *_tiny("leignn"))
+    log, folder = cosine_run
     assert "LR warm-up: 0.1 epochs is under one step of this run's 2 per epoch; warming up for one step" in log
     ckpt = _load(folder / "checkpoint.pt")
     assert ckpt["step"] == 3 * STEPS_PER_EPOCH
@@ -383,12 +389,12 @@ def test_a_plateau_checkpoint_resumes_on_the_cosine_schedule_at_its_step(lmdbs, 
     assert _load(resumed / "checkpoint.pt")["step"] == 3 * STEPS_PER_EPOCH
 
 
-def test_a_resume_takes_the_lr_step_its_checkpoint_was_saved_before(lmdbs, cosine):
+def test_a_resume_takes_the_lr_step_its_checkpoint_was_saved_before(lmdbs, cosine, cosine_run):
     """fairchem saves checkpoint.pt inside step N, before that step's scheduler step. Resumed from
     the 6-step cosine run's last checkpoint (saved inside step 6) for one more epoch, steps 7 and 8
     train at lambda(6) and lambda(7), both the floor (torch restores the checkpoint's 6-step lambda);
     without the step taken on load, step 7 would train at lambda(5), 7.6x the floor."""
-    _, done = _train(lmdbs, cosine, "cosine_full", "--optim.max_epochs=3", *_tiny("leignn"))
+    _, done = cosine_run
     saved = _load(done / "checkpoint.pt")
     assert (saved["step"], saved["scheduler"]["last_epoch"]) == (6, 5)
     log, more = _train(lmdbs, cosine, "cosine_more", "--optim.max_epochs=4", "--print-every", "1", *_tiny("leignn"),
