@@ -268,3 +268,41 @@ def test_relaxation_ceiling(is2rs_set, tmp_path, repo, monkeypatch):
     with pytest.raises(SystemExit, match=r"^leignn-evaluate relax-ceiling: error: --sigma must be force MAEs >= 0 "
                                          r"\(eV/Å\), got \[-0.1\]$"):
         __import__("leignn_ocp.evaluation.cli", fromlist=["main"]).main(["relax-ceiling", "--sigma", "0", "-0.1"])
+
+
+def test_false_descent_counts_the_uphill_relaxations_the_models_own_energy_calls_downhill(is2rs_set):
+    """Ends with the adsorbate 0.7 A above a surface atom (EMT: far uphill) and the reference minima, scored
+    with a stand-in model whose energy is EMT's and with one whose energy is minus EMT's: only the
+    inverted model on the uphill ends is a false descent, and model_path is its energy change exactly."""
+    from leignn_ocp.data.is2rs import record_atoms
+    from leignn_ocp.evaluation.relaxations import descent_scores, reference_scores
+
+    _, recs = is2rs_set
+
+    class Energy:
+        def __init__(self, sign):
+            self.sign = sign
+
+        def predict(self, batch, per_image, disable_tqdm):
+            e = []
+            for d in batch.to_data_list():
+                atoms = record_atoms(d)
+                atoms.calc = EMT()
+                e.append(self.sign * atoms.get_potential_energy())
+            return {"energy": torch.tensor(e), "forces": torch.zeros(batch.pos.shape[0], 3)}
+
+    pushed = []
+    for d in recs:
+        pos = d.pos.numpy().copy()
+        top = int(np.argmax(np.where(d.tags.numpy() == 2, -np.inf, pos[:, 2])))  # the highest slab atom
+        pos[d.tags.numpy() == 2] = pos[top] + [0.0, 0.0, 0.7]  # the adsorbate 0.7 A above it: far too close
+        pushed.append(pos)
+    up = reference_scores(recs, pushed, EMT())
+    assert min(up["ref_path"]) > 1.0 and up["lowered"] == 0.0
+    assert descent_scores(Energy(1.0), recs, pushed, up["ref_path"])["false_descent"] == 0.0
+    inverted = descent_scores(Energy(-1.0), recs, pushed, up["ref_path"])
+    assert inverted["false_descent"] == 1.0
+    np.testing.assert_allclose(inverted["model_path"], [-x for x in up["ref_path"]], atol=1e-3)  # float32 positions
+    down = [d.pos_relaxed.numpy() for d in recs]
+    faithful = descent_scores(Energy(1.0), recs, down, reference_scores(recs, down, EMT())["ref_path"])
+    assert max(faithful["model_path"]) < 0 and faithful["false_descent"] == 0.0  # both went down: a true descent

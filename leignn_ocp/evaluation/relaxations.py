@@ -17,6 +17,11 @@ Metrics per row:
                        knows where forces vanish (issue 15's symptom); a row written before this metric
                        existed gets it added on the next call, without relaxing again
   fmax_at_minimum      median over systems of the model's largest free-atom force there (eV/A)
+  false_descent        share of systems the reference calculator puts higher at the end than at the start
+                       while the model puts them lower: the model's own energy surface led uphill, so
+                       forces that are its exact gradient would have gone there too (per system:
+                       ref_path, model_path = E(model-relaxed) - E(initial), eV); a row written before
+                       this metric existed gets it on the next call, from the relaxation's saved positions
 """
 
 from __future__ import annotations
@@ -38,24 +43,42 @@ from leignn_ocp.evaluation.runs import fairchem_cli, learning_curve, lineup_keys
 log = logging.getLogger(__name__)
 DE_THRESHOLD = 0.1  # eV
 METRICS = ("adwt", "energy_mae", "converged", "lowered", "dE_mean", "dE_median", "within_0.1", "f_mae_at_minimum",
-           "fmax_at_minimum")
+           "fmax_at_minimum", "false_descent")
 
 
 def reference_scores(records: Sequence, positions: Sequence[np.ndarray], reference) -> dict:
     """The reference calculator at each model-relaxed structure, against itself at the record's (float32)
     start and against the reference-relaxed energy y_relaxed + energy_offset (its total energy)."""
-    lowered, de = [], []
+    path, de = [], []
     for d, pos in zip(records, positions):
         atoms = record_atoms(d, pos)
         atoms.calc = reference
         e = float(atoms.get_potential_energy())  # [eV] total
         start = record_atoms(d)
         start.calc = reference
-        lowered.append(e < float(start.get_potential_energy()))  # the same float32 start fairchem relaxed from
+        path.append(e - float(start.get_potential_energy()))  # the same float32 start fairchem relaxed from
         de.append(e - (d.y_relaxed + d.energy_offset))
-    de = np.array(de)
-    return {"lowered": float(np.mean(lowered)), "dE_mean": float(de.mean()), "dE_median": float(np.median(de)),
-            "within_0.1": float(np.mean(np.abs(de) < DE_THRESHOLD)), "dE": de.tolist()}
+    de, path = np.array(de), np.array(path)
+    return {"lowered": float(np.mean(path < 0)), "dE_mean": float(de.mean()), "dE_median": float(np.median(de)),
+            "within_0.1": float(np.mean(np.abs(de) < DE_THRESHOLD)), "dE": de.tolist(), "ref_path": path.tolist()}
+
+
+def descent_scores(trainer, records: Sequence, positions: Sequence[np.ndarray], ref_path: Sequence[float]) -> dict:
+    """false_descent and model_path of the module docstring: which way the model's own energy went."""
+    model_path = (model_energies(trainer, records, positions)
+                  - model_energies(trainer, records, [d.pos for d in records]))  # [B] eV
+    false = (np.asarray(ref_path) > 0) & (model_path < 0)
+    return {"false_descent": float(false.mean()), "model_path": model_path.tolist()}
+
+
+def relaxed_positions(work: Path, records: Sequence) -> list[np.ndarray]:
+    """B x [N, 3]: the positions fairchem wrote for each record (``write_pos``), in the records' order."""
+    z = np.load(work / "results" / "relax" / "relaxed_positions.npz")
+    by_sid = dict(zip(z["ids"].tolist(), np.split(z["pos"], z["chunk_idx"])))  # sid -> [N, 3]
+    missing = [d.sid for d in records if str(d.sid) not in by_sid]
+    if missing:
+        raise RuntimeError(f"fairchem wrote no relaxed positions for sids {missing} ({work})")
+    return [by_sid[str(d.sid)] for d in records]
 
 
 def relax_overrides(ckpt: Path, extra: Sequence[str] = ()) -> list[str]:
@@ -83,12 +106,7 @@ def relax_checkpoint(ckpt: Path, config: Path, is2rs: Path, work: Path, referenc
     t0 = time.time()
     run_logged(cmd, work / "relax.log")
     records = [d for _, d in read_is2rs(is2rs)]
-    z = np.load(work / "results" / "relax" / "relaxed_positions.npz")
-    by_sid = dict(zip(z["ids"].tolist(), np.split(z["pos"], z["chunk_idx"])))  # sid -> [N, 3]
-    missing = [d.sid for d in records if str(d.sid) not in by_sid]
-    if missing:
-        raise RuntimeError(f"fairchem wrote no relaxed positions for sids {missing} ({work})")
-    positions = [by_sid[str(d.sid)] for d in records]
+    positions = relaxed_positions(work, records)
     from ase.io import read
 
     from leignn_ocp.lineup import load_config
@@ -113,6 +131,7 @@ def relax_checkpoint(ckpt: Path, config: Path, is2rs: Path, work: Path, referenc
            "fairchem": fairchem, "relax_s": round(time.time() - t0, 1), "n": len(records)}
     row.update(reference_scores(records, positions, reference))
     row.update(minimum_forces(trainer, records))
+    row.update(descent_scores(trainer, records, positions, row["ref_path"]))
     return row
 
 
@@ -199,6 +218,26 @@ def _write_row(path: Path, row: dict) -> None:
     tmp.rename(path)
 
 
+def _backfill(row: dict, is2rs: Path, work: Path, reference, cpu: bool) -> bool:
+    """Add the metrics a row written before they existed lacks, without relaxing again; False: nothing
+    added. false_descent needs the relaxation's own positions (``work``); without them it stays out."""
+    todo_min = "f_mae_at_minimum" not in row
+    todo_descent = "false_descent" not in row and (work / "results" / "relax" / "relaxed_positions.npz").is_file()
+    if "false_descent" not in row and not todo_descent:
+        log.warning(f"{row.get('key')} seed {row.get('seed')}: no relaxed positions in {work}; false_descent left out")
+    if not (todo_min or todo_descent):
+        return False
+    records = [d for _, d in read_is2rs(is2rs)]
+    trainer = load_trainer(row["checkpoint"], cpu=cpu, run_dir=work / "predict")
+    if todo_min:
+        row.update(minimum_forces(trainer, records))
+    if todo_descent:
+        positions = relaxed_positions(work, records)
+        ref_path = reference_scores(records, positions, reference)["ref_path"]
+        row.update(ref_path=ref_path, **descent_scores(trainer, records, positions, ref_path))
+    return True
+
+
 def run_relaxation_benchmark(config_dir: Path, is2rs: Path, out: Path, *, models=None, seeds=(0,),
                              checkpoints: dict | None = None, reference: str = "emt", is2rs_config_dir: Path =
                              Path("configs/is2rs/default"), relax_args: Sequence[str] = (), cpu: bool = True,
@@ -225,9 +264,7 @@ def run_relaxation_benchmark(config_dir: Path, is2rs: Path, out: Path, *, models
             if row_file.is_file():
                 log.info(f"{key} seed {seed}: relaxed before ({row_file})")
                 row = json.loads(row_file.read_text())
-                if "f_mae_at_minimum" not in row:  # written before the metric existed
-                    trainer = load_trainer(row["checkpoint"], cpu=cpu, run_dir=Path(out) / "relax" / f"{key}_s{seed}" / "predict")
-                    row.update(minimum_forces(trainer, [d for _, d in read_is2rs(Path(is2rs))]))
+                if _backfill(row, Path(is2rs), Path(out) / "relax" / f"{key}_s{seed}", calc, cpu):
                     _write_row(row_file, row)
                 continue
             ckpt = checkpoints.get(f"{key}:{seed}")
