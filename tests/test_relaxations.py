@@ -275,7 +275,7 @@ def test_false_descent_counts_the_uphill_relaxations_the_models_own_energy_calls
     with a stand-in model whose energy is EMT's and with one whose energy is minus EMT's: only the
     inverted model on the uphill ends is a false descent, and model_path is its energy change exactly."""
     from leignn_ocp.data.is2rs import record_atoms
-    from leignn_ocp.evaluation.relaxations import descent_scores, reference_scores
+    from leignn_ocp.evaluation.relaxations import descent_scores, model_energies, reference_scores
 
     _, recs = is2rs_set
 
@@ -299,10 +299,13 @@ def test_false_descent_counts_the_uphill_relaxations_the_models_own_energy_calls
         pushed.append(pos)
     up = reference_scores(recs, pushed, EMT())
     assert min(up["ref_path"]) > 1.0 and up["lowered"] == 0.0
-    assert descent_scores(Energy(1.0), recs, pushed, up["ref_path"])["false_descent"] == 0.0
-    inverted = descent_scores(Energy(-1.0), recs, pushed, up["ref_path"])
+    def scores(model, positions, ref_path):  # the model's energies at the ends, as relax_checkpoint has them
+        return descent_scores(model, recs, model_energies(model, recs, positions), ref_path)
+
+    assert scores(Energy(1.0), pushed, up["ref_path"])["false_descent"] == 0.0
+    inverted = scores(Energy(-1.0), pushed, up["ref_path"])
     assert inverted["false_descent"] == 1.0
     np.testing.assert_allclose(inverted["model_path"], [-x for x in up["ref_path"]], atol=1e-3)  # float32 positions
     down = [d.pos_relaxed.numpy() for d in recs]
-    faithful = descent_scores(Energy(1.0), recs, down, reference_scores(recs, down, EMT())["ref_path"])
+    faithful = scores(Energy(1.0), down, reference_scores(recs, down, EMT())["ref_path"])
     assert max(faithful["model_path"]) < 0 and faithful["false_descent"] == 0.0  # both went down: a true descent

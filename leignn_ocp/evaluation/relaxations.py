@@ -63,17 +63,21 @@ def reference_scores(records: Sequence, positions: Sequence[np.ndarray], referen
             "within_0.1": float(np.mean(np.abs(de) < DE_THRESHOLD)), "dE": de.tolist(), "ref_path": path.tolist()}
 
 
-def descent_scores(trainer, records: Sequence, positions: Sequence[np.ndarray], ref_path: Sequence[float]) -> dict:
-    """false_descent and model_path of the module docstring: which way the model's own energy went."""
-    model_path = (model_energies(trainer, records, positions)
-                  - model_energies(trainer, records, [d.pos for d in records]))  # [B] eV
+def descent_scores(trainer, records: Sequence, e_end: np.ndarray, ref_path: Sequence[float]) -> dict:
+    """false_descent and model_path of the module docstring: which way the model's own energy went
+    (``e_end``: [B] eV, the model at the relaxed structures, which the caller has already)."""
+    model_path = np.asarray(e_end) - model_energies(trainer, records, [d.pos for d in records])  # [B] eV
     false = (np.asarray(ref_path) > 0) & (model_path < 0)
     return {"false_descent": float(false.mean()), "model_path": model_path.tolist()}
 
 
+def _positions_file(work: Path) -> Path:
+    return work / "results" / "relax" / "relaxed_positions.npz"
+
+
 def relaxed_positions(work: Path, records: Sequence) -> list[np.ndarray]:
     """B x [N, 3]: the positions fairchem wrote for each record (``write_pos``), in the records' order."""
-    z = np.load(work / "results" / "relax" / "relaxed_positions.npz")
+    z = np.load(_positions_file(work))
     by_sid = dict(zip(z["ids"].tolist(), np.split(z["pos"], z["chunk_idx"])))  # sid -> [N, 3]
     missing = [d.sid for d in records if str(d.sid) not in by_sid]
     if missing:
@@ -131,7 +135,7 @@ def relax_checkpoint(ckpt: Path, config: Path, is2rs: Path, work: Path, referenc
            "fairchem": fairchem, "relax_s": round(time.time() - t0, 1), "n": len(records)}
     row.update(reference_scores(records, positions, reference))
     row.update(minimum_forces(trainer, records))
-    row.update(descent_scores(trainer, records, positions, row["ref_path"]))
+    row.update(descent_scores(trainer, records, e_model, row["ref_path"]))
     return row
 
 
@@ -222,7 +226,7 @@ def _backfill(row: dict, is2rs: Path, work: Path, reference, cpu: bool) -> bool:
     """Add the metrics a row written before they existed lacks, without relaxing again; False: nothing
     added. false_descent needs the relaxation's own positions (``work``); without them it stays out."""
     todo_min = "f_mae_at_minimum" not in row
-    todo_descent = "false_descent" not in row and (work / "results" / "relax" / "relaxed_positions.npz").is_file()
+    todo_descent = "false_descent" not in row and _positions_file(work).is_file()
     if "false_descent" not in row and not todo_descent:
         log.warning(f"{row.get('key')} seed {row.get('seed')}: no relaxed positions in {work}; false_descent left out")
     if not (todo_min or todo_descent):
@@ -234,7 +238,8 @@ def _backfill(row: dict, is2rs: Path, work: Path, reference, cpu: bool) -> bool:
     if todo_descent:
         positions = relaxed_positions(work, records)
         ref_path = reference_scores(records, positions, reference)["ref_path"]
-        row.update(ref_path=ref_path, **descent_scores(trainer, records, positions, ref_path))
+        row.update(ref_path=ref_path,
+                   **descent_scores(trainer, records, model_energies(trainer, records, positions), ref_path))
     return True
 
 
