@@ -31,9 +31,9 @@ THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 # tiny but complete: 5 splits, one facet, short relaxations, 1 IS2RS system
 TINY = dict(seed=0, train_systems=4, val_systems=1, frames_per_system=4, rattled_per_system=1,
-            max_steps=12, millers=((1, 0, 0),), is2rs_systems=1, is2rs_max_steps=80)
+            pressed_per_system=2, max_steps=12, millers=((1, 0, 0),), is2rs_systems=1, is2rs_max_steps=80)
 TINY_ARGS = ["--seed", "0", "--train-systems", "4", "--val-systems", "1", "--frames-per-system", "4",
-             "--rattled-per-system", "1", "--max-steps", "12", "--millers", "100", "--is2rs-systems", "1",
+             "--rattled-per-system", "1", "--pressed-per-system", "2", "--max-steps", "12", "--millers", "100", "--is2rs-systems", "1",
              "--is2rs-max-steps", "80"]
 
 
@@ -609,25 +609,30 @@ def test_force_distribution_and_near_minimum_share_are_what_the_records_hold(tin
 
 def test_minimum_rattles_are_the_last_relaxation_frame_displaced_by_each_std(tiny):
     """After the relaxation frames (fid 0..L) and rattled_per_system random rattles come one copy of
-    frame L per minimum_rattle_std: fixed atoms in place, free atoms displaced by about that std."""
+    frame L per minimum_rattle_std (fixed atoms in place, free atoms displaced by about that std), then
+    pressed_per_system pressed frames, each above the relaxation's last frame in energy."""
     from leignn_ocp.data.generate import BROKEN_FID
 
     summary = json.loads((tiny / "s2ef" / "summary.json").read_text())
     stds = summary["config"]["minimum_rattle_stds"]
-    assert stds == [0.005, 0.01, 0.02, 0.04] and summary["config"]["format_version"] == 4
-    n_rand = TINY["rattled_per_system"]
+    assert stds == [0.005, 0.01, 0.02, 0.04] and summary["config"]["format_version"] == 5
+    n_rand, n_press = TINY["rattled_per_system"], TINY["pressed_per_system"]
     for split in SPLITS:
         sp = summary["splits"][split]
         assert sp["minimum_rattled_frames"] == len(stds) * sp["systems"]
         assert sp["rattled_frames"] == (n_rand + len(stds)) * sp["systems"]
+        assert sp["pressed_frames"] == n_press * sp["systems"]
         by_sid: dict[int, dict] = {}
         for d in _records(tiny / "s2ef" / split):
             if d.fid < BROKEN_FID:
                 by_sid.setdefault(d.sid, {})[d.fid] = d
         for frames in by_sid.values():
             fids = sorted(frames)
-            copies = fids[-len(stds):]  # the minimum rattles, in the order of stds
-            last = frames[fids[-len(stds) - n_rand - 1]]  # the relaxation's last frame
+            pressed = fids[len(fids) - n_press:]
+            copies = fids[len(fids) - n_press - len(stds):len(fids) - n_press]  # minimum rattles, in stds' order
+            last = frames[fids[-n_press - len(stds) - n_rand - 1]]  # the relaxation's last frame
+            assert pressed == list(range(copies[-1] + 1, copies[-1] + 1 + n_press))
+            assert all(frames[fid].energy > last.energy for fid in pressed)
             assert copies[0] == last.fid + n_rand + 1 and copies == list(range(copies[0], copies[0] + len(stds)))
             cell = last.cell[0].double()  # [3, 3]
             free = last.fixed == 0
@@ -638,6 +643,36 @@ def test_minimum_rattles_are_the_last_relaxation_frame_displaced_by_each_std(tin
                 assert disp[~free].abs().max() < 1e-5
                 rms = disp[free].pow(2).mean().sqrt().item()
                 assert 0.5 * std < rms < 1.6 * std, (fid, std, rms)
+
+
+def test_pressed_moves_the_adsorbate_rigidly_into_the_slab_to_the_asked_contact():
+    """_pressed: only adsorbate atoms move, all by one vector along -normal, to the first 0.02 A step
+    whose closest adsorbate-slab distance is at most fraction x the starting one."""
+    from ase.geometry import get_distances
+
+    from leignn_ocp.data.generate import _pressed
+    from leignn_ocp.testing import oc20_slab
+
+    atoms = oc20_slab(ads="OH", height=2.0)
+    n_slab = int((atoms.get_tags() != 2).sum())
+    pos = atoms.positions
+
+    def contact(p):
+        return get_distances(p[n_slab:], p[:n_slab], cell=atoms.cell, pbc=True)[1].min()
+
+    for fraction in (0.7, 0.85):
+        out = _pressed(atoms, pos, n_slab, fraction)
+        np.testing.assert_array_equal(out[:n_slab], pos[:n_slab])
+        shift = out[n_slab:] - pos[n_slab:]  # [n_ads, 3]
+        np.testing.assert_allclose(shift, np.broadcast_to(shift[0], shift.shape), atol=1e-12)
+        assert abs(shift[0, 0]) < 1e-12 and abs(shift[0, 1]) < 1e-12 and shift[0, 2] < 0  # fcc111 normal is z
+        depth = -shift[0, 2]
+        assert contact(out) <= fraction * contact(pos) + 1e-12
+        less = pos.copy()
+        less[n_slab:, 2] -= depth - 0.02
+        assert contact(less) > fraction * contact(pos)
+    with pytest.raises(ValueError, match="pressed_min_contact in \\(0, 1\\), got 2 and 1.0"):
+        GenConfig(pressed_per_system=2, pressed_min_contact=1.0)
 
 
 def test_is2rs_set_holds_calculator_minima_of_new_systems(tiny):

@@ -84,6 +84,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rattle-std", type=float, default=d.rattle_std, help="A, free atoms only")
     p.add_argument("--minimum-rattle-stds", type=float, nargs="*", default=list(d.minimum_rattle_stds),
                    metavar="STD", help="A: one rattled copy of each relaxation's last frame per value (none: no copies)")
+    p.add_argument("--pressed-per-system", type=int, default=d.pressed_per_system,
+                   help="frames per relaxation with the adsorbate pushed into the slab (then rattled)")
+    p.add_argument("--pressed-min-contact", type=float, default=d.pressed_min_contact,
+                   help="pushed until the closest adsorbate-slab distance is a random fraction in [this, 1) of the frame's")
     p.add_argument("--fmax", type=float, default=d.fmax, help="BFGS force criterion, eV/A")
     p.add_argument("--max-steps", type=int, default=d.max_steps, help="BFGS steps per relaxation")
     p.add_argument("--millers", type=_millers, default=d.millers, help="facets, e.g. 111,100,110,211")
@@ -124,7 +128,8 @@ def generate_main(argv=None) -> int:
         cfg = GenConfig(
             seed=a.seed, calculator=a.calculator, train_systems=a.train_systems, val_systems=a.val_systems,
             frames_per_system=a.frames_per_system, rattled_per_system=a.rattled_per_system,
-            rattle_std=a.rattle_std, minimum_rattle_stds=tuple(a.minimum_rattle_stds), fmax=a.fmax, max_steps=a.max_steps, millers=a.millers,
+            rattle_std=a.rattle_std, minimum_rattle_stds=tuple(a.minimum_rattle_stds),
+            pressed_per_system=a.pressed_per_system, pressed_min_contact=a.pressed_min_contact, fmax=a.fmax, max_steps=a.max_steps, millers=a.millers,
             ood_ads_frac=a.ood_ads_frac, ood_cat_frac=a.ood_cat_frac, rigid_adsorbate=a.rigid_adsorbate,
             keep_anomalies=a.keep_anomalies, broken_frames_per_system=a.broken_frames_per_system,
             is2rs_systems=a.is2rs_systems, is2rs_max_steps=a.is2rs_max_steps,

@@ -73,8 +73,9 @@ BROKEN_FID = 10_000  # fid of a flagged frame from a free relaxation that broke:
 SID_STRIDE = 1_000_000  # sid = split_index * SID_STRIDE + candidate index: unique across splits
 # 2: records made by fairchem's AtomsToGraphs (positions wrapped into the cell); 3: as_needed
 # sampling (fields `anomaly`, `rigid`), the last relaxation frame always kept, the IS2RS set;
-# 4: rattled copies of the last frame (minimum_rattle_stds), small_adsorbate_share
-FORMAT_VERSION = 4
+# 4: rattled copies of the last frame (minimum_rattle_stds), small_adsorbate_share; 5: pressed frames
+# (pressed_per_system 4) and random rattles of 0.1 A instead of 0.05
+FORMAT_VERSION = 5
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 PINNED_MARK = "LEIGNN_GENERATE_PINNED"  # set by leignn-generate-data in the child that labels
 
@@ -89,10 +90,15 @@ class GenConfig:
     val_systems: int = 10  # kept relaxations in each of the four val splits
     frames_per_system: int = 24  # relaxation frames sampled per system (all if fewer)
     rattled_per_system: int = 6  # rattled copies of sampled relaxation frames per system
-    rattle_std: float = 0.05  # A, Gaussian displacement of free atoms
+    rattle_std: float = 0.1  # A, Gaussian displacement of free atoms
     # one copy of the relaxation's last frame per std (A, free atoms): where the forces approach zero,
     # which a relaxing model must find and random frames rarely show (issue 15, docs/notes/data.md)
     minimum_rattle_stds: tuple[float, ...] = (0.005, 0.01, 0.02, 0.04)
+    # copies of random relaxation frames with the adsorbate pushed along the surface normal into the slab
+    # until its closest slab contact is a random fraction in [pressed_min_contact, 1) of the frame's own,
+    # then rattled at rattle_std: the repulsive wall that relaxations ran through (issue 15, data.md)
+    pressed_per_system: int = 4
+    pressed_min_contact: float = 0.7
     fmax: float = 0.05  # eV/A, BFGS convergence
     max_steps: int = 100  # BFGS steps per relaxation
     millers: tuple[tuple[int, int, int], ...] = ((1, 1, 1), (1, 0, 0), (1, 1, 0))
@@ -124,6 +130,9 @@ class GenConfig:
             raise ValueError(f"small_adsorbate_share must be in [0, 1], got {self.small_adsorbate_share}")
         if self.max_steps < 1 or self.fmax <= 0 or self.rattle_std < 0 or any(x <= 0 for x in self.minimum_rattle_stds):
             raise ValueError("max_steps >= 1, fmax > 0, rattle_std >= 0 and minimum_rattle_stds > 0 required")
+        if self.pressed_per_system < 0 or not 0 < self.pressed_min_contact < 1:
+            raise ValueError(f"pressed_per_system must be >= 0 and pressed_min_contact in (0, 1), got "
+                             f"{self.pressed_per_system} and {self.pressed_min_contact}")
         if self.rigid_adsorbate not in RIGID_MODES:
             raise ValueError(f"rigid_adsorbate must be one of {', '.join(map(repr, RIGID_MODES))}, "
                              f"got {self.rigid_adsorbate!r}")
@@ -527,6 +536,14 @@ def run_system(cand: dict) -> dict:
         f = atoms.get_forces(apply_constraint=False)
         # fid continues after the relaxation frames: fid >= steps marks a rattled frame
         data.append(_to_data(atoms, pos, e - e_ref, f, cand["sid"], len(frames) + j, extra))
+    for j in range(cfg.pressed_per_system):  # fid continues after the rattles
+        src = int(r.integers(len(frames)))
+        pos = _pressed(atoms, frames[src][0], n_slab, cfg.pressed_min_contact + (1 - cfg.pressed_min_contact) * r.random())
+        pos[free] += r.normal(0.0, cfg.rattle_std, size=(len(free), 3))
+        atoms.set_positions(pos, apply_constraint=False)
+        e = float(atoms.get_potential_energy(apply_constraint=False))
+        f = atoms.get_forces(apply_constraint=False)
+        data.append(_to_data(atoms, pos, e - e_ref, f, cand["sid"], len(frames) + len(rattles) + j, extra))
     n_broken = 0
     for frames_b, reason in broken:  # fid from 10_000 on: frames of the free relaxation that broke
         n_b = min(cfg.broken_frames_per_system, len(frames_b))
@@ -546,8 +563,32 @@ def run_system(cand: dict) -> dict:
                                      FORCE_BINS)[0].tolist()
     out["n_rattled"] = len(rattles)
     out["n_minimum_rattled"] = len(cfg.minimum_rattle_stds)
+    out["n_pressed"] = cfg.pressed_per_system
     out["n_broken"] = n_broken
     out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _closest_contact(atoms, pos, n_slab: int) -> float:
+    """Shortest adsorbate-slab distance (A, minimum image) with the atoms at ``pos`` [N, 3]."""
+    from ase.geometry import get_distances
+
+    return float(get_distances(pos[n_slab:], pos[:n_slab], cell=atoms.cell, pbc=atoms.pbc)[1].min())
+
+
+def _pressed(atoms, pos, n_slab: int, fraction: float, step: float = 0.02, max_depth: float = 4.0) -> np.ndarray:
+    """[N, 3] ``pos`` with the adsorbate moved rigidly along -n (n: the surface normal, a x b, pointing
+    to the vacuum side) by the smallest multiple of ``step`` that brings its closest slab contact to
+    ``fraction`` of the starting one (at most ``max_depth`` A: past a hollow the contact can grow)."""
+    a, b, c = np.asarray(atoms.cell)
+    n = np.cross(a, b)
+    n /= np.linalg.norm(n) * np.sign(n @ c)  # OC20 slabs: adsorbate on the +c side
+    target = fraction * _closest_contact(atoms, pos, n_slab)
+    out = pos.copy()
+    for depth in np.arange(step, max_depth + step / 2, step):
+        out[n_slab:] = pos[n_slab:] - depth * n
+        if _closest_contact(atoms, out, n_slab) <= target:
+            break
     return out
 
 
@@ -692,7 +733,8 @@ def _generate(cfg: GenConfig, out_dir: Path, workers: int, progress: bool,
         "forces": "calculator forces on all atoms, eV/A (fixed atoms included, as in OC20)",
         "frames": "sid = relaxation id (unique across splits); fid = BFGS step for relaxation frames, "
                   "fid >= number of steps for rattled frames (free atoms displaced: rattled_per_system random "
-                  "frames at rattle_std, then the last frame at each of minimum_rattle_stds)",
+                  "frames at rattle_std, then the last frame at each of minimum_rattle_stds), then "
+                  "pressed_per_system pressed frames (adsorbate pushed into the slab, then rattled)",
         "sampling": SAMPLING[cfg.rigid],
         "gas_references_eV": refs,
         "partition": {"adsorbates": {k: [adsorbate_smiles(a) for a in v] for k, v in part["ads"].items()},
@@ -710,13 +752,15 @@ def _generate(cfg: GenConfig, out_dir: Path, workers: int, progress: bool,
             write_raw_lmdb_dir(tmp / s, data, [o["natoms"] for o in kept[s] for _ in o["data"]])
             n_rattled = sum(o.get("n_rattled", 0) for o in kept[s])
             n_min = sum(o.get("n_minimum_rattled", 0) for o in kept[s])
+            n_pressed = sum(o.get("n_pressed", 0) for o in kept[s])
             n_broken = sum(o.get("n_broken", 0) for o in kept[s])
             natoms = [o["natoms"] for o in kept[s]]
             fmax = np.array([f for o in kept[s] for f in o["max_free_force"]])
             summary["splits"][s] = {
                 "systems": len(kept[s]),
                 "frames": len(data),
-                "relaxation_frames": len(data) - n_rattled - n_broken,
+                "relaxation_frames": len(data) - n_rattled - n_pressed - n_broken,
+                "pressed_frames": n_pressed,
                 "rattled_frames": n_rattled,
                 "minimum_rattled_frames": n_min,  # of rattled_frames: copies of the last relaxation frame
                 "broken_frames": n_broken,
