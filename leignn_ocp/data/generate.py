@@ -6,6 +6,7 @@ format and the same four evaluation splits from real calculator labels, small en
 Pipeline per system (one adsorbate on one slab site):
   OC20 adsorbate (fairchem.data.oc DB, binding atom down, heuristic site)  on an OC20-protocol slab
   -> BFGS relaxation (frames sampled along it, OC20 S2EF style) + rattled copies of sampled frames
+     + pressed copies (adsorbate pushed into the slab: the wall a relaxing model must not walk through)
   -> OC20 anomaly checks on the relaxed structure (DetectTrajAnomaly: dissociated, desorbed,
      surface changed, intercalated); anomalous systems are filtered (default) or kept and flagged.
 
@@ -538,7 +539,8 @@ def run_system(cand: dict) -> dict:
         data.append(_to_data(atoms, pos, e - e_ref, f, cand["sid"], len(frames) + j, extra))
     for j in range(cfg.pressed_per_system):  # fid continues after the rattles
         src = int(r.integers(len(frames)))
-        pos = _pressed(atoms, frames[src][0], n_slab, cfg.pressed_min_contact + (1 - cfg.pressed_min_contact) * r.random())
+        fraction = cfg.pressed_min_contact + (1 - cfg.pressed_min_contact) * r.random()
+        pos = _pressed(atoms, frames[src][0], n_slab, fraction)  # [N, 3]
         pos[free] += r.normal(0.0, cfg.rattle_std, size=(len(free), 3))
         atoms.set_positions(pos, apply_constraint=False)
         e = float(atoms.get_potential_energy(apply_constraint=False))
