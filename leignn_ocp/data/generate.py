@@ -529,23 +529,23 @@ def run_system(cand: dict) -> dict:
     # random frames at rattle_std, then the last frame at each minimum_rattle_std
     rattles = [(int(r.integers(len(frames))), cfg.rattle_std) for _ in range(cfg.rattled_per_system)]
     rattles += [(len(frames) - 1, std) for std in cfg.minimum_rattle_stds]
-    for j, (src, std) in enumerate(rattles):
-        pos = frames[src][0].copy()
-        pos[free] += r.normal(0.0, std, size=(len(free), 3))
+
+    def add_displaced(pos):  # pos [N, 3]; fid continues after the steps: fid >= steps marks a displaced frame
         atoms.set_positions(pos, apply_constraint=False)
         e = float(atoms.get_potential_energy(apply_constraint=False))
         f = atoms.get_forces(apply_constraint=False)
-        # fid continues after the relaxation frames: fid >= steps marks a rattled frame
-        data.append(_to_data(atoms, pos, e - e_ref, f, cand["sid"], len(frames) + j, extra))
-    for j in range(cfg.pressed_per_system):  # fid continues after the rattles
+        data.append(_to_data(atoms, pos, e - e_ref, f, cand["sid"], len(frames) + len(data) - len(picked), extra))
+
+    for src, std in rattles:
+        pos = frames[src][0].copy()
+        pos[free] += r.normal(0.0, std, size=(len(free), 3))
+        add_displaced(pos)
+    for _ in range(cfg.pressed_per_system):  # after the rattles
         src = int(r.integers(len(frames)))
         fraction = cfg.pressed_min_contact + (1 - cfg.pressed_min_contact) * r.random()
         pos = _pressed(atoms, frames[src][0], n_slab, fraction)  # [N, 3]
         pos[free] += r.normal(0.0, cfg.rattle_std, size=(len(free), 3))
-        atoms.set_positions(pos, apply_constraint=False)
-        e = float(atoms.get_potential_energy(apply_constraint=False))
-        f = atoms.get_forces(apply_constraint=False)
-        data.append(_to_data(atoms, pos, e - e_ref, f, cand["sid"], len(frames) + len(rattles) + j, extra))
+        add_displaced(pos)
     n_broken = 0
     for frames_b, reason in broken:  # fid from 10_000 on: frames of the free relaxation that broke
         n_b = min(cfg.broken_frames_per_system, len(frames_b))
